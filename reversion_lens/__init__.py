@@ -1,8 +1,47 @@
-"""reversion_lens: measure and block fine-tuning reversion along history-defined directions."""
+"""reversion_lens: measure and block fine-tuning reversion along history-defined directions.
 
-from . import errors, io, sites
+>>> import reversion_lens as rl
+>>> hist = rl.toyworld.build_history(rl.toyworld.ToyConfig.preset("tiny"), seed=0)   # doctest: +SKIP
+>>> probes = hist.probes("harmful")                                                   # doctest: +SKIP
+>>> v = hist.history.direction(probes)            # v_rev, [layer, d_model]           # doctest: +SKIP
+"""
+
+import importlib
+from typing import Any
+
+from . import errors, io, sites, stats
 from .activations import ResidStats, residual_stats
+from .directions import Direction, chain, mean_difference, principal_component, random_direction, vocab_readout
+from .drift import drift_metrics
+from .history import Checkpoint, History
 from .probes import ProbeSet
 
-__all__ = ["errors", "io", "sites", "ProbeSet", "ResidStats", "residual_stats"]
+__all__ = [
+    "errors",
+    "io",
+    "sites",
+    "stats",
+    "ProbeSet",
+    "ResidStats",
+    "residual_stats",
+    "Direction",
+    "mean_difference",
+    "principal_component",
+    "chain",
+    "random_direction",
+    "vocab_readout",
+    "drift_metrics",
+    "Checkpoint",
+    "History",
+]
 __version__ = "0.1.0"
+
+# Heavier or optional parts load on first use: ``rl.figures``, ``rl.toyworld``, ...
+_LAZY = {"figures", "export", "report", "toyworld", "experiments", "results", "training", "interventions",
+         "tracking", "evaluation", "generation", "models", "specs", "text", "cli"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'reversion_lens' has no attribute {name!r}")

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny seeded models, no network anywhere."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def make_native(n_layers: int = 3, d_model: int = 32, d_vocab: int = 40, seed: int = 0, **kw):
+    """A tiny seeded TransformerBridge (no Hugging Face model, no hub)."""
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    cfg = TransformerBridgeConfig(
+        d_model=d_model, d_head=8, n_layers=n_layers, n_ctx=32, d_vocab=d_vocab, act_fn="gelu", seed=seed, **kw
+    )
+    return TransformerBridge.boot_native(cfg)
+
+
+@pytest.fixture
+def tiny_model():
+    return make_native()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(0)
+
+
+def random_seqs(n: int, vocab: int = 40, lo: int = 3, hi: int = 12, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g)
+    return [torch.randint(1, vocab, (int(k),), generator=g).tolist() for k in lengths]
