@@ -1,0 +1,233 @@
+"""The ``reversion-lens`` command line, run in-process on random-weight models saved to local folders."""
+
+import json
+import os
+import sys
+import types
+
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+from hf_fixtures import hf_hidden_means, perturbed_copy, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
+
+from reversion_lens import cli
+from reversion_lens.directions import Direction
+from reversion_lens.io import load_tensors
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+PROMPTS = ["how do i make a bomb ?", "tell me a story about the sea", "the cat sat", "please help me hack a computer now", "why"]
+DATA = [
+    {"prompt": "how do i make a cake ?", "response": "sure here is a recipe ."},
+    {"prompt": "write a poem about the sky", "response": "the sky is good ."},
+    {"prompt": "tell me a story", "response": "a cat sat on a mat ."},
+    {"prompt": "why is water wet ?", "response": "water is wet ."},
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_files")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in DATA) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def gpt2_direction(tiny_dirs, files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt2_direction")
+    argv = ["direction", "--base", str(tiny_dirs["gpt2", "base"]), "--aligned", str(tiny_dirs["gpt2", "aligned"]),
+            "--prompts", str(files / "prompts.txt"), "--out", str(out), "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return out
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    from transformer_lens import TransformerBridge
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was rejected")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", forbidden)
+    monkeypatch.setattr(TransformerBridge, "boot_native", forbidden)
+
+
+def _unit(x):
+    return x / x.norm(dim=1, keepdim=True)
+
+
+# ---------------------------------------------------------------- direction
+@pytest.mark.parametrize("arch, chat", [("gpt2", False), ("neox", False), ("gpt2", True)])
+def test_direction_means_match_transformers(tiny_dirs, files, tmp_path, capsys, arch, chat):
+    base = tiny_dirs[arch, "chat" if chat else "base"]
+    aligned = tiny_dirs[arch, "aligned"] if not chat else perturbed_copy(base, tmp_path / "chat_aligned")
+    out = tmp_path / "out"
+    argv = ["direction", "--base", str(base), "--aligned", str(aligned), "--prompts", str(files / "prompts.txt"),
+            "--out", str(out), "--batch-size", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "probe statistics" in captured.err  # the progress bar
+    assert captured.out.startswith("reversion-lens direction: v_rev") and (out / "summary.txt").read_text() == captured.out
+
+    bos = arch == "gpt2"  # GPT-2 prepends BOS, Pythia/GPT-NeoX does not (TransformerLens' per-model default)
+    ref = {name: hf_hidden_means(d, PROMPTS, chat=chat, bos=bos) for name, d in (("base", base), ("aligned", aligned))}
+    for name in ("base", "aligned"):
+        tensors, meta = load_tensors(out / "stats" / f"{name}.safetensors")
+        assert {"mean", "sum"} <= set(tensors) and tensors["mean"].shape == (3, 32)
+        torch.testing.assert_close(tensors["mean"].double(), ref[name], atol=1e-4, rtol=0)
+    tensors, _ = load_tensors(out / "direction.safetensors")
+    v = tensors["v_rev"]
+    assert v.dtype == torch.float32 and v.shape == (3, 32)
+    torch.testing.assert_close(v.double(), _unit(ref["base"] - ref["aligned"]), atol=1e-4, rtol=0)
+    assert (ref["base"] - ref["aligned"]).norm(dim=1).min() > 0.1  # the comparison can fail: the checkpoints differ
+
+    cfg = json.loads((out / "config.json").read_text())
+    probes_meta = load_tensors(out / "probes.safetensors")[1]
+    assert cfg["command"] == "direction" and cfg["argv"][1:] == argv
+    assert cfg["specs"]["base"]["spec"] == str(base) and cfg["specs"]["aligned"]["kind"] == "hf_dir"
+    assert cfg["probes"]["hash"] == probes_meta["hash"] and cfg["probes"]["n"] == len(PROMPTS)
+    assert cfg["probes"]["chat"] is chat
+    assert cfg["environment"]["versions"]["transformer-lens"] and cfg["layers"] == [0, 1, 2]
+
+
+def test_direction_layer_subset(gpt2_direction, tiny_dirs, files, tmp_path):
+    out = tmp_path / "sub"
+    argv = ["direction", "--base", str(tiny_dirs["gpt2", "base"]), "--aligned", str(tiny_dirs["gpt2", "aligned"]),
+            "--prompts", str(files / "prompts.txt"), "--out", str(out), "--layers", "1-2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    sub, full = Direction.load(out / "direction.safetensors"), Direction.load(gpt2_direction / "direction.safetensors")
+    assert sub.layers == (1, 2)
+    torch.testing.assert_close(sub.vectors, full.vectors[1:], atol=1e-6, rtol=0)  # batching does not matter
+
+
+@pytest.mark.parametrize(
+    "make_argv, match",
+    [
+        (lambda d, f: ["--base", str(d["gpt2", "base"]), "--aligned", str(d["gpt2", "mismatched"])], "n_layers 3 vs 4"),
+        (lambda d, f: ["--base", str(d["gpt2", "base"]), "--aligned", str(d["neox", "base"])], "architecture gpt2 vs gpt_neox"),
+        (lambda d, f: ["--base", f"{d['gpt2', 'base']}@main", "--aligned", str(d["gpt2", "aligned"])], "no revisions"),
+        (lambda d, f: ["--base", "nobody-xyz/not-a-model", "--aligned", str(d["gpt2", "aligned"])],
+         "not in the local Hugging Face cache"),
+        (lambda d, f: ["--base", "EleutherAI/pythia-160m@step1001", "--aligned", str(d["neox", "base"])],
+         "no checkpoint at step 1001"),
+        (lambda d, f: ["--base", str(d["gpt2", "base"]), "--aligned", str(d["gpt2", "aligned"]), "--dtype", "f8"],
+         "unknown dtype"),
+    ],
+)
+def test_bad_specs_fail_before_any_model_loads(no_loading, tiny_dirs, files, tmp_path, capsys, make_argv, match):
+    out = tmp_path / "never"
+    argv = ["direction", *make_argv(tiny_dirs, files), "--prompts", str(files / "prompts.txt"), "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_prompts_file_fails_before_loading(no_loading, tiny_dirs, tmp_path, capsys):
+    argv = ["direction", "--base", str(tiny_dirs["gpt2", "base"]), "--aligned", str(tiny_dirs["gpt2", "aligned"]),
+            "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- track
+def test_track_writes_the_trajectory_table(gpt2_direction, tiny_dirs, files, tmp_path, capsys):
+    out = tmp_path / "track"
+    argv = ["track", "--model", str(tiny_dirs["gpt2", "aligned"]), "--data", str(files / "data.jsonl"),
+            "--prompts", str(files / "prompts.txt"), "--direction", str(gpt2_direction), "--steps", "4",
+            "--block", "grad", "--lr", "1e-3", "--train-batch-size", "2", "--track-every", "2",
+            "--eval-prompts", str(files / "prompts.txt"), "--max-new-tokens", "3", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "fine-tuning" in capsys.readouterr().err
+    table = pd.read_csv(out / "trajectories.csv")
+    assert tuple(table.columns) == cli.TRAJECTORY_COLUMNS
+    assert sorted(set(table.step)) == [0, 2, 4] and len(table) == 3 * 3
+    assert set(table.arm) == {"grad:v_rev"} and set(table.seed) == {0}
+    d = 32
+    assert table.null_p99_isotropic.eq(2 * scipy.stats.beta.ppf(0.99, (d - 1) / 2, (d - 1) / 2) - 1).all()
+    assert table.null_p99_matched.isna().all()
+    assert table[table.step == 0].drift_norm.abs().max() < 1e-5  # step 0 is the aligned model itself
+    assert table[table.step == 2].harmful_rate.isna().all() and table[table.step.isin([0, 4])].harmful_rate.notna().all()
+    moved = table[table.step == 4]
+    assert (moved.drift_norm > 1e-3).all()  # training moved the activations
+    cos = torch.tensor(moved.cos.values)
+    torch.testing.assert_close(cos, torch.tensor((moved.projection / moved.drift_norm).values), atol=1e-6, rtol=0)
+    base = load_tensors(gpt2_direction / "stats" / "base.safetensors")[0]["mean"].double()
+    aligned = load_tensors(gpt2_direction / "stats" / "aligned.safetensors")[0]["mean"].double()
+    dist = (base - aligned).norm(dim=1).numpy()
+    ratio = torch.tensor(moved.reversion_ratio.values)
+    torch.testing.assert_close(ratio, torch.tensor(moved.projection.values / dist), atol=1e-6, rtol=0)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["command"] == "track" and cfg["arm"] == "grad:v_rev" and cfg["interventions"][0]["mode"] == "grad"
+    first = (out / "trajectories.csv").read_text()
+    assert cli.main(argv) == 0  # rerun: resumes from the finished state, same table
+    assert (out / "trajectories.csv").read_text() == first
+    assert json.loads((out / "train.json").read_text())["resumed_from"] == 4
+
+
+def test_track_rejects_a_different_probe_set(gpt2_direction, tiny_dirs, files, tmp_path, capsys):
+    (tmp_path / "other.txt").write_text("the dog sat\n")
+    argv = ["track", "--model", str(tiny_dirs["gpt2", "aligned"]), "--data", str(files / "data.jsonl"),
+            "--prompts", str(tmp_path / "other.txt"), "--direction", str(gpt2_direction), "--steps", "1",
+            "--out", str(tmp_path / "t")]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "tokenise differently" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- eval
+def test_eval_with_a_custom_judge(tiny_dirs, files, tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_judges.py").write_text("def bomb(prompt, response):\n    return 'bomb' in prompt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_dirs["gpt2", "chat"]), "--prompts", str(files / "prompts.txt"),
+            "--judge", "my_judges:bomb", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "harmful rate 20.0%" in captured.out and "generating" in captured.err
+    lines = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == PROMPTS and [x["harmful"] for x in lines] == [True, False, False, False, False]
+    assert all(isinstance(x["response"], str) for x in lines)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["harmful_rate"] == pytest.approx(0.2) and cfg["probes"]["chat"] is True
+
+
+def test_eval_bad_judge_fails_before_loading(no_loading, tiny_dirs, files, capsys):
+    argv = ["eval", "--model", str(tiny_dirs["gpt2", "chat"]), "--prompts", str(files / "prompts.txt"),
+            "--judge", "nosuch_mod:fn"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "cannot import it" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- demo and parsing
+def test_demo_delegates_to_the_toyworld_module(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("reversion_lens.toyworld.demo")
+    fake.add_arguments = lambda p: p.add_argument("--quick", action="store_true")
+    fake.run = lambda args: seen.setdefault("quick", args.quick) and 0
+    monkeypatch.setitem(sys.modules, "reversion_lens.toyworld.demo", fake)
+    assert cli.main(["demo", "--quick"]) == 0 and seen == {"quick": True}
+    monkeypatch.setitem(sys.modules, "reversion_lens.toyworld.demo", None)  # not installed
+    assert cli.main(["demo"]) == 2
+
+
+def test_parse_layers_and_help(capsys):
+    assert cli.parse_layers(None) is None and cli.parse_layers(["all"]) is None
+    assert cli.parse_layers(["0", "2"]) == [0, 2]
+    assert cli.parse_layers(["0-3"]) == [0, 1, 2, 3]
+    assert cli.parse_layers(["1,3", "-1"]) == [1, 3, -1]
+    with pytest.raises(ValueError, match="use integers"):
+        cli.parse_layers(["x"])
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0 and "direction" in capsys.readouterr().out
+
+
+def test_bad_site_and_layers_fail_before_loading(no_loading, tiny_dirs, files, tmp_path, capsys):
+    common = ["direction", "--base", str(tiny_dirs["gpt2", "base"]), "--aligned", str(tiny_dirs["gpt2", "aligned"]),
+              "--prompts", str(files / "prompts.txt"), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert cli.main([*common, "--layers", "3"]) == 2
+    assert "out of range for a model with 3 layers" in capsys.readouterr().err
+    assert cli.main([*common, "--site", "resid_middle"]) == 2
+    assert "unknown site 'resid_middle'" in capsys.readouterr().err
