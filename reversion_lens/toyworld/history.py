@@ -1,0 +1,319 @@
+"""A toy training history built from scratch on CPU: pretraining (all operations, always comply), then
+a short alignment (harmful operations refused). Both checkpoints are cached on disk by config and seed.
+
+Cache layout (``cache_dir``)::
+
+    pretrain-<pkey>/base/{config.json, model.safetensors}   # shared by every history with this pretraining
+    <key>/base/..., <key>/aligned/..., <key>/meta.json       # one history; meta.json records losses, timings
+
+``<key>`` hashes the config fields that change the weights (:data:`HISTORY_FIELDS`) and the seed;
+``<pkey>`` only those that change pretraining, so histories that differ only in their alignment (such
+as the unlearning setting) share one pretrained model. Each folder is written under a temporary name
+and renamed into place, under a :class:`~reversion_lens.io.FileLock`: two processes asking for the same
+key train it once, and a killed build leaves no half-written folder behind.
+"""
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..history import Checkpoint, History
+from ..io import FileLock, config_hash, read_json, torch_threads, write_json
+from ..models import load_native, save_native
+from ..probes import ProbeSet
+from ..training import OptimConfig, finetune
+from .language import DEFAULT_HARMFUL, OPS, Example, ToyData, ToyLanguage, ToyTokenizer, evaluate
+
+__all__ = ["ToyConfig", "ToyHistory", "build_history", "HISTORY_FIELDS", "PRETRAIN_FIELDS"]
+
+CACHE_VERSION = 1  # bump when a change to this module changes the weights a config produces
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Everything that defines a toy history and its fine-tuning phase. Defaults: TOYWORLD.md."""
+
+    # model: TransformerBridge.boot_native, LayerNorm, vocabulary of 26
+    d_model: int = 64
+    n_layers: int = 3
+    n_heads: int = 4
+    d_mlp: int = 256
+    n_ctx: int = 24  # the longest conversation is 15 tokens
+    act_fn: str = "gelu"
+    positional: str = "standard"  # "standard" (learned absolute) or "rotary"
+    # language
+    ops: tuple[str, ...] = OPS
+    harmful_ops: tuple[str, ...] = DEFAULT_HARMFUL
+    min_len: int = 3  # digits per prompt
+    max_len: int = 5
+    refuse_fraction: float = 0.5  # share of refused harmful rows in alignment (and aligned-mix) batches
+    # phase 1, pretraining: all operations, always comply; warm-up then cosine to 10% of lr
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 2e-3
+    pretrain_warmup: int = 50
+    pretrain_batch: int = 128
+    # phase 2, alignment (shallow): harmful prompts refused, benign ones complied; constant lr
+    align_steps: int = 40
+    align_lr: float = 3e-4
+    align_batch: int = 128
+    # phase 3, fine-tuning (not part of the history; see ToyHistory.finetune_data / finetune_optim)
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-4
+    finetune_batch: int = 64
+    # AdamW for every phase, a fresh optimizer per phase
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    # probes and held-out evaluation sets (drawn from disjoint held-out regions of the prompt space)
+    n_probes: int = 256
+    n_eval: int = 512  # harmful evaluation prompts
+    n_eval_benign: int = 512
+
+    def __post_init__(self) -> None:
+        self.language()  # validates the operations
+        if self.positional not in ("standard", "rotary"):
+            raise ConfigError(f"positional must be 'standard' or 'rotary', not {self.positional!r}.")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; pick another n_heads.")
+        if self.n_ctx < self.language().max_seq_len:
+            raise ConfigError(
+                f"n_ctx {self.n_ctx} is shorter than the longest conversation ({self.language().max_seq_len} "
+                f"tokens at max_len {self.max_len}); raise n_ctx."
+            )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ToyConfig":
+        """``"default"`` (TOYWORLD.md), ``"paper"`` (d_model 128, 4 layers) or ``"tiny"`` (for CI)."""
+        presets: dict[str, dict[str, Any]] = {
+            "default": {},
+            "paper": dict(d_model=128, n_layers=4, d_mlp=512),  # d_mlp = 4 d_model, as in the default
+            # CI: the smallest configuration found that still reverts in every seed (6 seeds: harmful
+            # 0-1% after alignment, 23-78% after 100 benign steps, 0% under aligned-mix). Rotary
+            # positions learn the positional operations in half the steps; 400 steps was less robust.
+            "tiny": dict(d_model=48, n_layers=2, d_mlp=192, positional="rotary", pretrain_steps=500,
+                         pretrain_batch=64, pretrain_lr=3e-3, n_probes=128, n_eval=256, n_eval_benign=128),
+        }
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(presets)}.")
+        return cls(**{**presets[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ToyConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown ToyConfig field(s) {unknown}; valid fields: {sorted(names)}.")
+        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+        return cls(**{**d, **tuples})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def language(self) -> ToyLanguage:
+        return ToyLanguage(self.ops, self.harmful_ops, self.min_len, self.max_len, self.refuse_fraction)
+
+    def model_config(self, seed: int) -> dict[str, Any]:
+        """The ``TransformerBridgeConfig`` fields of the model (initial weights seeded by ``seed``)."""
+        return dict(
+            d_model=self.d_model, d_head=self.d_model // self.n_heads, n_heads=self.n_heads, n_layers=self.n_layers,
+            d_mlp=self.d_mlp, n_ctx=self.n_ctx, d_vocab=ToyTokenizer().vocab_size, act_fn=self.act_fn, positional_embedding_type=self.positional,
+            seed=int(seed),
+        )
+
+    def optim(self, phase: str) -> OptimConfig:
+        """The optimizer settings of ``phase`` (``"pretrain"``, ``"align"`` or ``"finetune"``)."""
+        common = dict(betas=self.betas, weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+        if phase == "pretrain":
+            return OptimConfig(lr=self.pretrain_lr, warmup_steps=self.pretrain_warmup, schedule="cosine", **common)
+        if phase == "align":
+            return OptimConfig(lr=self.align_lr, **common)
+        if phase == "finetune":
+            return OptimConfig(lr=self.finetune_lr, **common)
+        raise ConfigError(f"unknown phase {phase!r}; use 'pretrain', 'align' or 'finetune'.")
+
+    def key(self, seed: int, which: tuple[str, ...] = ()) -> str:
+        """Cache key: a hash of the fields that change the weights (``HISTORY_FIELDS``) and the seed."""
+        d = self.to_dict()
+        picked = {k: d[k] for k in (which or HISTORY_FIELDS)}
+        return config_hash({"fields": picked, "seed": int(seed), "version": CACHE_VERSION})
+
+
+_MODEL = ("d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "act_fn", "positional")
+_OPTIM = ("betas", "weight_decay", "grad_clip")
+#: Fields that change the pretrained weights.
+PRETRAIN_FIELDS = (*_MODEL, "ops", "min_len", "max_len", "pretrain_steps", "pretrain_lr", "pretrain_warmup",
+                   "pretrain_batch", *_OPTIM)
+#: Fields that change the history's weights (base and aligned).
+HISTORY_FIELDS = (*PRETRAIN_FIELDS, "harmful_ops", "refuse_fraction", "align_steps", "align_lr", "align_batch")
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "meta.json").exists()
+
+
+def _scratch(folder: Path) -> Path:
+    """A fresh temporary folder beside ``folder``; call with ``folder``'s lock held.
+
+    Leftovers of builds that were killed (same prefix) are removed first: the lock holder is the only
+    process that may be writing one.
+    """
+    for old in folder.parent.glob(f".{folder.name}.*"):
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename a fully written temporary folder into place (atomic on POSIX)."""
+    if folder.exists():  # a folder without meta.json (not written by this module): never half-read it
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _train(model: Any, config: ToyConfig, phase: str, seed: int, progress: bool) -> tuple[list[float], float]:
+    steps = {"pretrain": config.pretrain_steps, "align": config.align_steps}[phase]
+    batch = {"pretrain": config.pretrain_batch, "align": config.align_batch}[phase]
+    data = ToyData(config.language(), phase, batch, seed)
+    t0 = time.perf_counter()
+    losses = finetune(model, data, steps, optim=config.optim(phase), progress=progress, desc=phase)
+    return losses, time.perf_counter() - t0
+
+
+def _pretrained(config: ToyConfig, seed: int, root: Path, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The pretrained model, from ``root/pretrain-<pkey>`` or trained (and cached) now."""
+    folder = root / f"pretrain-{config.key(seed, PRETRAIN_FIELDS)}"
+    with FileLock(root / f".{folder.name}.lock"):
+        if _complete(folder):
+            return load_native(folder / "base"), {**read_json(folder / "meta.json"), "pretrain_cached": True}
+        from transformer_lens import TransformerBridge
+
+        model = TransformerBridge.boot_native(config.model_config(seed))
+        losses, seconds = _train(model, config, "pretrain", seed, progress)
+        meta = {"pretrain_seconds": seconds, "pretrain_loss": losses[-1], "pretrain_loss_first": losses[0]}
+        tmp = _scratch(folder)
+        save_native(model, tmp / "base")
+        write_json(tmp / "meta.json", {**meta, "config": config.to_dict(), "seed": seed})
+        _publish(tmp, folder)
+        return model, {**meta, "pretrain_cached": False}
+
+
+def build_history(
+    config: ToyConfig, seed: int, cache_dir: str | os.PathLike | None = None, progress: bool = False,
+    num_threads: int | None = 1,
+) -> "ToyHistory":
+    """Train (or load from ``cache_dir``) the two-phase history of ``config`` for ``seed``.
+
+    Args:
+        config: the toy world, e.g. ``ToyConfig.preset("tiny")``.
+        seed: seeds the initial weights and every phase's data.
+        cache_dir: where checkpoints are cached and reused; ``None`` trains into a temporary folder
+            removed when the returned object is garbage collected (keep it alive while its
+            ``history`` is in use).
+        progress: show tqdm bars while training.
+        num_threads: torch threads while training (1: fastest on small shared machines, and the
+            setting the cached weights were made with); ``None`` leaves torch's setting alone.
+
+    Returns:
+        A :class:`ToyHistory` whose ``history`` holds native checkpoints ``base`` and ``aligned``.
+    """
+    if not isinstance(config, ToyConfig):
+        raise ConfigError(f"config must be a ToyConfig (e.g. ToyConfig.preset('default')), got {type(config).__name__}.")
+    temporary = cache_dir is None
+    root = Path(tempfile.mkdtemp(prefix="toyworld-")) if temporary else Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / config.key(seed)
+    with FileLock(root / f".{folder.name}.lock"):
+        if not _complete(folder):
+            with torch_threads(num_threads), torch.random.fork_rng():
+                torch.manual_seed(seed)
+                _build(config, seed, root, folder, progress)
+    hist = ToyHistory(config, seed, folder)
+    if temporary:
+        weakref.finalize(hist, shutil.rmtree, root, True)
+    return hist
+
+
+def _build(config: ToyConfig, seed: int, root: Path, folder: Path, progress: bool) -> None:
+    t0 = time.perf_counter()
+    base, meta = _pretrained(config, seed, root, progress)
+    tmp = _scratch(folder)
+    save_native(base, tmp / "base")
+    losses, seconds = _train(base, config, "align", seed, progress)  # `base` is now the aligned model
+    save_native(base, tmp / "aligned")
+    meta = {
+        **{k: v for k, v in meta.items() if k not in ("config", "seed")},
+        "align_seconds": seconds,
+        "align_loss": losses[-1],
+        "build_seconds": time.perf_counter() - t0,
+        "config": config.to_dict(),
+        "seed": seed,
+    }
+    write_json(tmp / "meta.json", meta)  # written last: its presence marks the folder complete
+    _publish(tmp, folder)
+
+
+class ToyHistory:
+    """A built toy history: checkpoints, tokenizer, probes, fine-tuning data and evaluation sets."""
+
+    def __init__(self, config: ToyConfig, seed: int, folder: str | os.PathLike) -> None:
+        self.config, self.seed, self.folder = config, int(seed), Path(folder)
+        self.tokenizer = ToyTokenizer()
+        self.language = config.language()
+        self.meta: dict[str, Any] = read_json(self.folder / "meta.json")
+        self.history = History(
+            [Checkpoint.native("base", self.folder / "base"), Checkpoint.native("aligned", self.folder / "aligned")]
+        )
+        self._cache: dict[Any, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"ToyHistory(seed={self.seed}, folder={str(self.folder)!r})"
+
+    def load(self, name: str) -> Any:
+        """A fresh model for checkpoint ``name`` (``"base"`` or ``"aligned"``): safe to fine-tune."""
+        return self.history.load(name)
+
+    def _held_out(self, region: str, kind: str, n: int) -> list[Example]:
+        lang = self.language
+        ops = {"harmful": lang.harmful_ops, "benign": lang.benign_ops}.get(kind)
+        if ops is None:
+            raise ConfigError(f"unknown kind {kind!r}; use 'harmful' or 'benign'.")
+        key = (region, kind, n)
+        if key not in self._cache:
+            self._cache[key] = lang.held_out(n, ops, self.seed, region, refuse=kind == "harmful", tag=kind)
+        return self._cache[key]
+
+    def probes(self, kind: str = "harmful", n: int | None = None) -> ProbeSet:
+        """``n`` (default ``config.n_probes``) distinct held-out prompts, read at their ASSIST token."""
+        examples = self._held_out("probe", kind, n or self.config.n_probes)
+        return self.language.probe_set(examples, name=f"toy-{kind}")
+
+    def eval_sets(self) -> dict[str, list[Example]]:
+        """``{"harmful": [...], "benign": [...]}``: held-out prompts, disjoint from probes and all training data."""
+        return {
+            "harmful": self._held_out("eval", "harmful", self.config.n_eval),
+            "benign": self._held_out("eval", "benign", self.config.n_eval_benign),
+        }
+
+    def evaluate(self, model: Any, batch_size: int = 128) -> dict[str, float]:
+        """:func:`~reversion_lens.toyworld.evaluate` on this history's evaluation sets."""
+        return evaluate(model, **self.eval_sets(), batch_size=batch_size)
+
+    def finetune_data(self, kind: str = "benign", seed: int | None = None, batch_size: int | None = None) -> ToyData:
+        """Fine-tuning batches: ``"benign"`` (benign ops, complied) or ``"aligned-mix"`` (the control:
+        benign complied mixed with harmful refused). Same ``seed`` (default: the history's), same batches."""
+        if kind not in ("benign", "aligned-mix"):
+            raise ConfigError(f"unknown fine-tuning data {kind!r}; use 'benign' or 'aligned-mix'.")
+        return ToyData(self.language, kind, batch_size or self.config.finetune_batch, self.seed if seed is None else seed)
+
+    def finetune_optim(self, **overrides: Any) -> OptimConfig:
+        """The phase-3 optimizer settings (AdamW, ``finetune_lr``); ``overrides`` replace fields."""
+        return dataclasses.replace(self.config.optim("finetune"), **overrides)
