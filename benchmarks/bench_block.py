@@ -66,13 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     ref = rl.residual_stats(model, probes)
     base = ref.mean + 3.0 * v.vectors.double()  # a stand-in base model, 3 units along v
 
+    frozen = build(args.small, args.pos)  # the per-input clamp's reference: a second, frozen copy
+    frozen.load_state_dict(model.state_dict())
     optim = OptimConfig(lr=1e-5)
     opt = make_optimizer(model, optim)
     model.train()
 
     def step_with(mode: str | None):
         def run() -> float:
-            iv = None if mode is None else block(model, v, mode, **({"reference": ref} if mode == "clamp" else {}))
+            opts = {"clamp": {"reference": ref}, "clamp-per-input": {"reference_model": frozen}}.get(mode, {})
+            iv = None if mode is None else block(model, v, mode.split("-")[0], **opts)
             if iv is not None:
                 iv.attach()
             try:
@@ -99,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
 
     tracker = DriftTracker(probes, v, ref, base)
     steps = {"plain step": step_with(None), "grad (all layers)": step_with("grad"),
-             "clamp (all layers)": step_with("clamp"), "update (all layers)": step_with("update")}  # fmt: skip
+             "clamp to the mean (all layers)": step_with("clamp"),
+             "clamp per input (all layers; + a reference forward)": step_with("clamp-per-input"),
+             "update (all layers)": step_with("update")}  # fmt: skip
     track = {"probe forward (stops after the last layer)": lambda: cpu_time(probe_forward),
              "DriftTracker call": lambda: cpu_time(lambda: tracker(1, model))}  # fmt: skip
     variants = {**steps, **track}

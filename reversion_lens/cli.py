@@ -487,8 +487,8 @@ def cmd_track(args: argparse.Namespace, argv: list[str]) -> int:
     if args.block != "none":
         v = direction if args.block_direction == "v_rev" else random_control(direction, seed=args.seed + 10_000)
         opts: dict[str, Any] = {}
-        if args.block == "clamp":
-            opts = {"reference": ref_st}
+        if args.block == "clamp":  # per input: a frozen second copy of the starting model is the reference
+            opts = {"reference_model": spec.load()}
         elif args.block == "penalty":
             opts = {"probes": probes, "reference": ref_st, "base": base_st, "weight": args.penalty_weight,
                     "batch_size": args.batch_size}  # fmt: skip

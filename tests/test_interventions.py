@@ -10,6 +10,7 @@ from reversion_lens.errors import ConfigError, DirectionError, ShapeError
 from reversion_lens.interventions import (
     MODES,
     Ablate,
+    Clamp,
     GradBlock,
     _orthonormal,
     active_interventions,
@@ -19,8 +20,9 @@ from reversion_lens.interventions import (
     random_control,
     residual_write_params,
 )
+from reversion_lens.probes import pad_sequences
 from reversion_lens.sites import residual_write_hooks
-from reversion_lens.training import Batch, OptimConfig, finetune
+from reversion_lens.training import Batch, OptimConfig, finetune, lm_loss
 
 L, D, V = 3, 32, 40
 
@@ -29,6 +31,25 @@ def hook_count(model):
     """TransformerLens handles plus the PyTorch hooks underneath, over every distinct hook point."""
     points = {id(hp): hp for hp in model.hook_dict.values()}.values()
     return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) + len(hp._forward_hooks) + len(hp._backward_hooks) for hp in points)
+
+
+def all_hooks(model):
+    """:func:`hook_count` plus the PyTorch hooks on the model module itself (the per-input clamp's capture)."""
+    return hook_count(model) + len(model._forward_pre_hooks) + len(model._forward_hooks)
+
+
+def site_components(model, toks, mask, v, layers=range(L)):
+    """``h.v`` ``[layer, batch, pos]`` at ``resid_post`` as the model computes it (after any clamp), via model(...)."""
+    got = {}
+    hooks = [(f"blocks.{l}.hook_resid_post", lambda x, hook, l=l: got.__setitem__(l, x.detach() @ v[l])) for l in layers]
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(toks, attention_mask=mask)
+    return torch.stack([got[l] for l in layers]), logits
+
+
+def padded(seed=6, n=4):
+    """Left-padded token rows with their attention mask (the mask changes positions, so it must reach the reference)."""
+    return pad_sequences(random_seqs(n, vocab=V, lo=4, hi=12, seed=seed), 0, padding_side="left")
 
 
 def rand_direction(seed=1, layers=None):
@@ -155,6 +176,140 @@ def test_clamp_pins_component_to_reference(probes):
     assert sub.layers == (2,) and float(sub.components[0]) == pytest.approx(float(expected[2]), abs=1e-12)
     with pytest.raises(ShapeError, match="fits neither"):
         block(model, v, "clamp", reference=torch.zeros(5))
+
+
+def test_per_input_clamp_pins_every_position_to_the_reference_through_training():
+    torch.manual_seed(0)
+    model = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
+    ref = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)  # the aligned model, loaded a second time
+    ref_before = {k: t.detach().clone() for k, t in ref.state_dict().items()}
+    ref_training = [m.training for m in ref.modules()]
+    W0 = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    v = rand_direction(3)
+    data = Data(seed=2)
+    seen = []  # the clamped components of every training forward, with that step's batch
+
+    def loss_fn(m, batch):  # runs inside finetune, with the clamp active
+        comps, _ = site_components(m, batch.tokens, batch.attention_mask, v, layers=[0, 1])
+        seen.append((batch, comps))
+        return lm_loss(m, batch)
+
+    iv = block(model, v, "clamp", layers=[0, 1], reference_model=ref)
+    assert isinstance(iv, Clamp) and iv.per_input and iv.describe()["reference"] == "per-input"
+    finetune(model, data, 5, optim=OptimConfig(lr=1e-2, grad_clip=None), loss_fn=loss_fn, interventions=[iv], progress=False)
+    assert all_hooks(model) == 0 and all_hooks(ref) == 0 and not iv.attached
+    assert max((t - W0[k]).abs().max().item() for k, t in model.state_dict().items()) > 1e-2  # it trained
+    for k, t in ref.state_dict().items():  # the reference never moved, and its train/eval flags are restored
+        assert torch.equal(t, ref_before[k]), k
+    assert [m.training for m in ref.modules()] == ref_training
+    for batch, comps in seen[1:]:  # after each update: equal to the frozen reference on the same batch, everywhere
+        want, _ = site_components(ref, batch.tokens, batch.attention_mask, v, layers=[0, 1])
+        assert (comps - want).abs().max() < 1e-5
+    # after training, on left-padded prompts (the attention mask reaches the reference too)
+    toks, mask = padded()
+    want, _ = site_components(ref, toks, mask, v)
+    with block(model, v, "clamp", layers=[0, 1], reference_model=ref):
+        got, _ = site_components(model, toks, mask, v)
+        with paused(model):
+            bare, _ = site_components(model, toks, mask, v)
+    assert (got[:2] - want[:2]).abs().max() < 1e-5  # every position, both clamped layers
+    assert (bare[:2] - want[:2]).abs().max() > 1e-2  # the trained weights alone do move along v
+    assert (got[2] - want[2]).abs().max() > 1e-2  # layer 2 is not clamped
+    real = mask.bool()
+    assert want[0][real].std() > 0.1  # the reference's component varies by position: one mean scalar cannot match it
+
+
+def test_per_input_clamp_under_early_stopping_reads_and_paused(probes):
+    model = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
+    ref = make_native(n_layers=L, d_model=D, d_vocab=V, seed=5)
+    v = rand_direction(2)
+    toks, mask = padded(seed=8)
+    clean = model(toks, attention_mask=mask)
+    ref_stats = rl.residual_stats(ref, probes)
+    calls = []
+    counter = ref.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with block(model, v, "clamp", layers=[1], reference_model=ref) as iv:
+            with paused(model):  # no clamp and no reference forward
+                assert torch.equal(model(toks, attention_mask=mask), clean)
+                assert calls == []
+            # residual_stats stops the forward early by raising in a hook: first before the clamped layer, then after
+            early = rl.residual_stats(model, probes, layers=[0])
+            full = rl.residual_stats(model, probes)
+            assert len(calls) == 2  # one reference forward per model forward (one probe batch each)
+            ref_again = rl.residual_stats(ref, probes)  # the reference used on its own: its readers stay inert
+            # the forward was interrupted, and its components were dropped with it: nothing stale is reused
+            with pytest.raises(ConfigError, match=r"did not capture.*model\(\.\.\.\)"):
+                model.run_with_cache(toks)
+            clamped = model(toks, attention_mask=mask)
+        assert iv.hook_count == 0
+    finally:
+        counter.remove()
+    torch.testing.assert_close(ref_again.mean, ref_stats.mean, atol=0, rtol=0)
+    torch.testing.assert_close(early.mean[0], full.mean[0], atol=1e-6, rtol=0)  # layer 0 is upstream of the clamp
+    # the probe reads at layer 1 carry the reference's component exactly (each prompt's own, so also the mean)
+    assert abs(float((full.mean[1] - ref_stats.mean[1]).double() @ v[1].double())) < 1e-5
+    assert abs(float((full.mean[2] - ref_stats.mean[2]).double() @ v[2].double())) > 1e-3
+    assert (clamped - clean).abs().max() > 1e-3 and torch.equal(model(toks, attention_mask=mask), clean)
+
+
+def test_per_input_clamp_hooks_removed_on_both_models(monkeypatch):
+    model = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
+    ref = make_native(n_layers=L, d_model=D, d_vocab=V, seed=5)
+    v = rand_direction()
+    model.blocks[0].hook_out.add_hook(lambda x, hook: None)  # users' hooks: must survive
+    ref.blocks[1].hook_out.add_hook(lambda x, hook: None)
+    start = (all_hooks(model), all_hooks(ref))
+    assert start == (2, 2)
+    with block(model, v, "clamp", reference_model=ref) as iv:
+        assert iv.hook_count == 2 * L + 2  # L clamps, L reference readers, capture + release on the model
+        # all_hooks counts a TransformerLens hook twice (its handle and the PyTorch hook underneath)
+        assert (all_hooks(model), all_hooks(ref)) == (start[0] + 2 * L + 2, start[1] + 2 * L)
+    assert (all_hooks(model), all_hooks(ref)) == start
+    with pytest.raises(RuntimeError, match="boom"):
+        with block(model, v, "clamp", reference_model=ref):
+            raise RuntimeError("boom")
+    assert (all_hooks(model), all_hooks(ref)) == start and active_interventions(model) == []
+    # the reference forward itself fails (a token outside the vocabulary), inside the model's forward
+    with pytest.raises(IndexError):
+        with block(model, v, "clamp", reference_model=ref):
+            model(torch.tensor([[1, 2, V + 5]]))
+    assert (all_hooks(model), all_hooks(ref)) == start
+    # registration fails half-way, on the reference (after the model's clamp hooks went on)
+    hp = ref.hook_dict["blocks.2.hook_resid_post"]
+    monkeypatch.setattr(hp, "add_hook", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("refused")))
+    iv = block(model, v, "clamp", reference_model=ref)
+    with pytest.raises(RuntimeError, match="refused"):
+        iv.attach()
+    assert (all_hooks(model), all_hooks(ref)) == start and not iv.attached and active_interventions(model) == []
+    monkeypatch.undo()
+    model.reset_hooks()
+    ref.reset_hooks()
+    assert all_hooks(model) == 0 and all_hooks(ref) == 0
+
+
+def test_per_input_clamp_refuses_bad_references():
+    model = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
+    v = rand_direction()
+    with pytest.raises(ConfigError, match="neither"):
+        block(model, v, "clamp")
+    with pytest.raises(ConfigError, match="both"):
+        block(model, v, "clamp", reference=torch.zeros(L), reference_model=make_native(n_layers=L, d_model=D, d_vocab=V))
+    with pytest.raises(ConfigError, match="separate frozen copy"):
+        block(model, v, "clamp", reference_model=model)
+    shared = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
+    shared.blocks[1].mlp.out.original_component.weight = model.blocks[1].mlp.out.original_component.weight
+    with pytest.raises(ConfigError, match="shares 1 parameter"):
+        block(model, v, "clamp", reference_model=shared)
+    with pytest.raises(ConfigError, match="d_vocab"):
+        block(model, v, "clamp", reference_model=make_native(n_layers=L, d_model=D, d_vocab=V + 1))
+    with pytest.raises(ShapeError, match="d_model"):
+        block(model, v, "clamp", reference_model=make_native(n_layers=L, d_model=2 * D, d_vocab=V))
+    ref = make_native(n_layers=L, d_model=D, d_vocab=V, seed=5)
+    with block(model, v, "clamp", reference_model=ref):
+        with pytest.raises(ConfigError, match="start_at_layer"):
+            model(torch.randn(1, 4, D), start_at_layer=1)
+    assert all_hooks(model) == 0 and all_hooks(ref) == 0
 
 
 def test_ablate_zero_component_and_clean_removal():
