@@ -165,6 +165,9 @@ def _rgba(hex_color: str, alpha: float) -> str:
 # --- trajectories ------------------------------------------------------------------------------
 
 
+HEATMAP_COLUMNS = 3
+
+
 def alignment_heatmap(traj: pd.DataFrame, arms: Sequence[str] | None = None, zmax: float = 1.0) -> go.Figure:
     """Mean cosine(drift, v_rev) over seeds, layer (y) by step (x), one panel per arm.
 
@@ -179,9 +182,13 @@ def alignment_heatmap(traj: pd.DataFrame, arms: Sequence[str] | None = None, zma
         raise ResultsFormatError(f"{fn}: every 'cos' value is NaN for arms {arms}; nothing to plot.")
     steps, layers = sorted(data["step"].unique()), sorted(data["layer"].unique())
     agg = data.groupby(["arm", "layer", "step"])["cos"].agg(["mean", "std", "count"])
-    fig = make_subplots(rows=1, cols=len(arms), shared_yaxes=True, subplot_titles=arms, horizontal_spacing=0.03)
+    ncols = min(len(arms), HEATMAP_COLUMNS)  # wrap: more than 3 narrow panels make unreadable cells
+    nrows = -(-len(arms) // ncols)
+    fig = make_subplots(rows=nrows, cols=ncols, shared_yaxes=True, subplot_titles=arms, horizontal_spacing=0.04,
+                        vertical_spacing=min(0.3, 0.9 / nrows) if nrows > 1 else 0.1)  # fmt: skip
     show_text = len(steps) * len(layers) <= 60
     for i, arm in enumerate(arms):
+        row, col = divmod(i, ncols)
         a = agg.reindex(pd.MultiIndex.from_product([[arm], layers, steps]))
         z = a["mean"].to_numpy().reshape(len(layers), len(steps))
         sd = a["std"].fillna(0.0).to_numpy().reshape(len(layers), len(steps))
@@ -196,13 +203,14 @@ def alignment_heatmap(traj: pd.DataFrame, arms: Sequence[str] | None = None, zma
                 hovertemplate=f"arm={arm}<br>step=%{{x}}<br>layer=%{{y}}<br>mean cos=%{{z:.3f}}"
                 "<br>std=%{customdata[0]:.3f}<br>n seeds=%{customdata[1]}<extra></extra>",
             ),
-            row=1, col=i + 1,
+            row=row + 1, col=col + 1,
         )
-        fig.update_xaxes(title_text=STEP_LABEL, type="category", row=1, col=i + 1)
-    fig.update_yaxes(title_text="layer", type="category", row=1, col=1)
+        fig.update_xaxes(title_text=STEP_LABEL, type="category", row=row + 1, col=col + 1)
+    for r in range(nrows):
+        fig.update_yaxes(title_text="layer", type="category", row=r + 1, col=1)
     n_seeds = data["seed"].nunique()
     fig.update_layout(
-        **_LAYOUT, height=140 + 28 * len(layers) + 120,
+        **_LAYOUT, height=100 + nrows * (90 + 40 * len(layers) + 60),
         title_text=f"Drift alignment with v_rev: mean {COS_LABEL} over {n_seeds} seeds",
     )
     return fig

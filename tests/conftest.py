@@ -5,6 +5,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One toy-history cache for the whole test session (and across xdist workers: builds are locked per key),
+# so the integration, resume and notebook tests train each (config, seed) once.
+os.environ.setdefault(
+    "REVERSION_LENS_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "tests")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
