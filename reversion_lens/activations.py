@@ -50,6 +50,11 @@ class ResidStats:
             raise ShapeError(f"sum has shape {tuple(self.sum.shape)}, expected [{len(self.layers)}, d_model].")
         if self.count < 1:
             raise ShapeError("statistics over zero prompts; the probe set was empty.")
+        # Nothing non-finite is ever held, hence ever saved or used (a loaded file is checked too).
+        for what, x, layer_dim in (("sum", self.sum, 0), ("second moments", self.second, 0),
+                                   ("per-prompt vectors", self.per_prompt, 1)):  # fmt: skip
+            if x is not None:
+                _finite_or_raise(x, f"residual statistics ({what}) at site {self.site}", self.layers, layer_dim)
 
     @property
     def mean(self) -> Float[Tensor, "layer d_model"]:
@@ -203,8 +208,13 @@ def _device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _finite_or_raise(x: Tensor, what: str) -> None:
+def _finite_or_raise(x: Tensor, what: str, layers: Sequence[int], layer_dim: int = 0) -> None:
     if not torch.isfinite(x).all():
-        raise NonFiniteError(f"{what} contains NaN or inf.")
+        bad = (~torch.isfinite(x)).transpose(0, layer_dim).reshape(x.shape[layer_dim], -1).any(1)
+        where = [layers[i] for i in bad.nonzero().flatten().tolist()]
+        raise NonFiniteError(
+            f"{what} contain NaN or inf at layer(s) {where}; they cannot be used or saved. Recompute them from "
+            "a model whose activations are finite (check the checkpoint's weights and the dtype)."
+        )
 
 

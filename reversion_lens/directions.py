@@ -11,6 +11,7 @@ checkpoints) and :func:`random_direction` (seeded controls) are the alternatives
 """
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,17 +77,31 @@ class Direction:
 
     def __post_init__(self) -> None:
         v = self.vectors
-        if not isinstance(v, Tensor) or v.ndim != 2:
-            raise DirectionError(f"vectors must be a 2-D tensor [layer, d_model], got {getattr(v, 'shape', type(v))}.")
+        if not isinstance(v, Tensor) or v.ndim != 2 or 0 in v.shape:
+            raise DirectionError(
+                f"vectors must be a non-empty 2-D tensor [layer, d_model], got {getattr(v, 'shape', type(v))}."
+            )
         if len(self.layers) != v.shape[0]:
             raise DirectionError(f"{v.shape[0]} vectors but {len(self.layers)} layers {self.layers}; give one per layer.")
-        if self.norms.shape != (v.shape[0],):
-            raise DirectionError(f"norms must have shape [{v.shape[0]}], got {tuple(self.norms.shape)}.")
+        if not isinstance(self.norms, Tensor) or self.norms.shape != (v.shape[0],):
+            raise DirectionError(f"norms must have shape [{v.shape[0]}], got {tuple(getattr(self.norms, 'shape', ()))}.")
+        if not torch.isfinite(self.norms).all():
+            raise DirectionError(
+                f"norms {self.norms.tolist()} are not finite; recompute the direction from finite statistics."
+            )
+        try:
+            layers = [operator.index(x) for x in self.layers if not isinstance(x, bool)]
+        except TypeError:
+            layers = []
+        if len(layers) != len(self.layers) or min(layers, default=0) < 0 or len(set(layers)) != len(layers):
+            raise DirectionError(
+                f"layers {self.layers} must be distinct non-negative layer indices, one per vector (use 3, not -1)."
+            )
         unit, _ = _unit_rows(v, "direction", self.layers)
         if (v.double().norm(dim=1) - 1).abs().max() > 1e-4:
             raise DirectionError("direction vectors must be unit norm; build them with Direction.from_vectors.")
         object.__setattr__(self, "vectors", unit.to(v.device))
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "layers", tuple(layers))
 
     @classmethod
     def from_vectors(
@@ -97,8 +112,12 @@ class Direction:
         if v.ndim == 1:
             v = v[None]
         layers = tuple(range(v.shape[0])) if layers is None else tuple(layers)
-        if v.ndim != 2 or len(layers) != v.shape[0]:
-            raise DirectionError(f"vectors of shape {tuple(v.shape)} do not match layers {layers}.")
+        if v.ndim != 2:
+            raise DirectionError(
+                f"vectors must be [layer, d_model] (or [d_model] for one layer), got shape {tuple(v.shape)}."
+            )
+        if len(layers) != v.shape[0]:
+            raise DirectionError(f"vectors of shape {tuple(v.shape)} do not match layers {layers}; give one layer per row.")
         unit, norms = _unit_rows(v, "direction", layers)
         return cls(unit, norms, layers, site, dict(provenance))
 
@@ -276,7 +295,8 @@ def _token_str(tok: Any, tid: int) -> str:
         if f is not None:
             try:
                 out = f([tid])
-                return out if isinstance(out, str) else str(out)
             except Exception:  # tokenizers differ in what they accept
                 continue
+            out = out if isinstance(out, str) else str(out)
+            return out if out.strip() else f"<{tid}>"  # padding and control tokens decode to nothing
     return str(tid)

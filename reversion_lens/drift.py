@@ -55,11 +55,15 @@ def drift_metrics(
     if not (cur.shape == ref.shape == bas.shape) or cur.shape[1] != direction.d_model:
         raise ShapeError(
             f"shapes differ: current {tuple(cur.shape)}, reference {tuple(ref.shape)}, base {tuple(bas.shape)}, "
-            f"direction d_model {direction.d_model}."
+            f"direction d_model {direction.d_model}. The direction, reference and base must come from the same "
+            "model (same d_model) as the activations measured: measure the model the direction was derived for."
         )
     if not torch.isfinite(cur).all():
         bad = [layers[i] for i in (~torch.isfinite(cur)).any(1).nonzero().flatten().tolist()]
-        raise NonFiniteError(f"current means are non-finite at layer(s) {bad}; the run diverged. Lower the learning rate.")
+        raise NonFiniteError(
+            f"current means are non-finite at layer(s) {bad}; the run diverged. Lower the learning rate "
+            "(nothing was recorded for this measurement)."
+        )
     v = direction.vectors.double().cpu()
     drift = cur - ref
     proj = (drift * v).sum(1)

@@ -147,7 +147,15 @@ class ExperimentConfig:
             raise ConfigError(
                 f"unknown toy field(s) {unknown}; valid fields are {sorted(f.name for f in fields(ToyConfig))}."
             )
-        toy_config(self)  # a bad preset or toy value: an error now, not in a worker after config.json is written
+        n_layers = toy_config(self).n_layers  # a bad preset or toy value: an error now, not in a worker later
+        for a in self.arms:
+            bad = [x for x in Arm.parse(a).layers or () if not -n_layers <= x < n_layers]
+            if bad:
+                raise ConfigError(
+                    f"arm {a!r} blocks layer(s) {bad}, but the model has {n_layers} layers (0..{n_layers - 1})."
+                )
+        if self.report_layer is not None and not 0 <= self.report_layer < n_layers:
+            raise ConfigError(f"report_layer {self.report_layer} is outside the model's layers 0..{n_layers - 1}.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
@@ -171,7 +179,9 @@ class ExperimentConfig:
             try:
                 data = tomllib.load(f)
             except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{path} is not valid TOML ({e}); fix the syntax (strings in quotes, lists in [ ]).") from e
+                raise ConfigError(
+                    f"{path} is not valid TOML ({e}); fix the syntax (strings in quotes, lists in [ ])."
+                ) from e
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -127,6 +127,7 @@ class History:
         """
         out: dict[str, ResidStats] = {}
         first: tuple[str, dict[str, int]] | None = None
+        extra_meta = kwargs.pop("meta", {})  # popped once: every checkpoint's statistics get it
         for name in names or self.names:
             model = self.load(name)
             sig = model_signature(model)
@@ -134,7 +135,7 @@ class History:
                 first = (name, sig)
             else:
                 _check_compatible(first[0], first[1], name, sig)
-            meta = {"checkpoint": name, "source": self[name].source, **kwargs.pop("meta", {})}
+            meta = {"checkpoint": name, "source": self[name].source, **extra_meta}
             out[name] = residual_stats(model, probes, meta=meta, **kwargs)
             del model
             gc.collect()

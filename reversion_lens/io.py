@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import platform
 import subprocess
 import tempfile
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as _st_load_bytes
 from safetensors.torch import save as _st_save_bytes
 
@@ -42,14 +42,15 @@ __all__ = [
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *more: bytes | memoryview) -> Path:
+    """Write ``data`` (then each of ``more``) to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in (data, *more):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -93,47 +94,86 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from e
 
 
+def _content_hash(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, and the metadata (sorted by name)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Save tensors as safetensors, atomically. ``metadata`` values are JSON-encoded strings."""
+    """Save tensors as safetensors, atomically. ``metadata`` values are JSON-encoded strings.
+
+    The metadata also records ``format_version`` and a ``sha256`` of the tensors and the metadata, which
+    :func:`load_tensors` checks: a flipped bit is an error, not a wrong number.
+    """
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     meta = {"format_version": str(FORMAT_VERSION)}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, default=_json_default, sort_keys=True)
-    data = _st_save_bytes({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, metadata=meta)
-    return atomic_write_bytes(path, data)
+    meta["sha256"] = _content_hash(tensors, meta)
+    raw = _st_save_bytes(tensors, metadata=meta)
+    # safetensors writes the metadata in hash-map order, which changes from call to call; rewrite the header
+    # with sorted metadata so the same tensors and metadata always give the same bytes.
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return atomic_write_bytes(path, len(head).to_bytes(8, "little") + head, memoryview(raw)[8 + n :])
+
+
+def _corrupted(path: Path, why: str) -> ResultsFormatError:
+    return ResultsFormatError(
+        f"{path} is not a readable safetensors file ({why}). It is corrupted or truncated: delete it and rerun "
+        "the step that writes it."
+    )
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file written by :func:`save_tensors`: ``(tensors, metadata)``.
 
-    A corrupted or truncated file, or one from a newer format version, is a
-    :class:`ResultsFormatError` that says to delete and regenerate it.
+    The file is read once (tensors and metadata come from the same bytes, even if the file is replaced
+    meanwhile). A corrupted or truncated file, one whose contents do not match its recorded
+    ``sha256``, or one from a newer format version, is a :class:`ResultsFormatError` that says to
+    delete and regenerate it (or to upgrade).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     raw = path.read_bytes()
     try:
+        if len(raw) < 8:
+            raise ValueError(f"{len(raw)} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(raw[:8], "little")
+        if 8 + n > len(raw):
+            raise ValueError(f"the header claims {n} bytes but the file has {len(raw) - 8} after the length")
+        header = json.loads(raw[8 : 8 + n])
+        meta_raw = header.get("__metadata__") or {}
+        if not isinstance(meta_raw, dict):
+            raise ValueError("__metadata__ is not a table")
         tensors = _st_load_bytes(raw)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta_raw = f.metadata() or {}
-    except (SafetensorError, Exception) as e:  # safetensors raises several types on bad headers
-        if isinstance(e, ResultsFormatError):
-            raise
-        raise ResultsFormatError(
-            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). It is corrupted or "
-            "truncated: delete it and rerun the step that writes it."
-        ) from e
+    except Exception as e:  # safetensors and json raise several types on bad bytes
+        raise _corrupted(path, f"{type(e).__name__}: {e}") from e
+    if "sha256" in meta_raw and meta_raw["sha256"] != _content_hash(tensors, meta_raw):
+        raise _corrupted(path, "its contents do not match the sha256 recorded when it was written")
     meta: dict[str, Any] = {}
     for k, v in meta_raw.items():
         try:
-            meta[k] = json.loads(v)
+            meta[k] = v if k == "sha256" else json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    version = int(meta.get("format_version", FORMAT_VERSION))
+    try:
+        version = int(meta.get("format_version", FORMAT_VERSION))
+    except (TypeError, ValueError):
+        raise _corrupted(path, f"format_version {meta.get('format_version')!r} is not an integer") from None
     if version > FORMAT_VERSION:
         raise ResultsFormatError(
             f"{path} was written by results format {version}, newer than this reversion_lens "
@@ -142,46 +182,80 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
+def _refusal_reason(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "unsupported" in ln.lower():
+            return ln
+    return lines[0] if lines else type(e).__name__
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; a pickle that runs code is refused."""
+    """``torch.load(weights_only=True)``: tensors and plain containers only; nothing in the file runs.
+
+    A pickle that names any other Python object (which a full unpickle would import and call) is an
+    :class:`UnsafeLoadError`; an unreadable archive is a :class:`ResultsFormatError`.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError (a pickle.UnpicklingError) here
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
-            raise UnsafeLoadError(
-                f"Refusing to load {path}: it contains Python objects that would run code when unpickled "
-                f"({e.__class__.__name__}). Convert it to safetensors from a trusted environment."
-            ) from e
+    except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as e:  # the weights-only unpickler refused something
+        raise UnsafeLoadError(
+            f"Refusing to load {path}: it is not a tensors-only file, and unpickling it fully could run "
+            f"arbitrary code (torch.load(weights_only=True) stopped at: {_refusal_reason(e)}). If you trust "
+            "its source, convert it to safetensors there (safetensors.torch.save_file); otherwise discard it."
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ResultsFormatError(
+            f"{path} is not a readable torch file ({type(e).__name__}: {_refusal_reason(e)}). It is corrupted "
+            "or truncated: fetch or write it again."
+        ) from e
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
-        )
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the repository this package's source is tracked in; ``(None, None)``
+    when it is not (an installed wheel, or a site-packages that happens to sit inside another repo)."""
+    if _git("ls-files", "--error-unmatch", Path(__file__).name) is None:
+        return None, None
+    commit = (_git("rev-parse", "HEAD") or "").strip() or None
+    status = _git("status", "--porcelain", "--", ".")
+    return commit, (None if status is None else bool(status.strip()))
 
 
 def environment() -> dict[str, Any]:
-    """Package versions, platform and git commit, recorded in every results folder."""
+    """Package versions, platform and git state, recorded in every results folder.
+
+    ``git_commit`` is the commit of the checkout this package was imported from (``None`` when it is not
+    a git checkout); ``git_dirty`` is true when the package's source differs from that commit (modified
+    or untracked files), so the commit alone does not reproduce the run.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for pkg in ("reversion_lens", "torch", "transformer-lens", "transformers", "numpy", "scipy", "safetensors"):
+    for pkg in ("reversion_lens", "torch", "transformer-lens", "transformers", "numpy", "scipy", "pandas",
+                "safetensors"):  # fmt: skip
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
+    commit, dirty = _git_state()
     return {
         "format_version": FORMAT_VERSION,
         "versions": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "git_dirty": dirty,
     }
 
 

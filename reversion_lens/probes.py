@@ -130,9 +130,11 @@ class ProbeSet:
     ) -> "ProbeSet":
         """From token lists (padded here) or a token matrix.
 
-        A matrix without ``attention_mask`` is taken as unpadded; if ``pad_id`` is given and some rows
-        *start* with it while the matrix looks left-padded, that is an error, because left padding
-        without a mask silently changes every activation (TL4_GUIDE section 4).
+        A matrix without ``attention_mask`` is taken as unpadded; if ``pad_id`` is given and the matrix
+        looks padded (some rows start with it and no row ends with it: left padding; or some rows end
+        with it and no row starts with it: right padding), that is an error, because padding without
+        a mask silently changes every activation (left: TL4_GUIDE section 4) or reads a pad token
+        instead of the prompt's last token (right).
         """
         if isinstance(tokens, Tensor):
             toks = tokens if tokens.ndim == 2 else tokens[None]
@@ -141,6 +143,12 @@ class ProbeSet:
                     raise ProbeError(
                         "these tokens look left-padded (rows start with pad_id) but no attention_mask was "
                         "given; left padding without a mask changes every activation. Pass attention_mask "
+                        "(1 = real token) or build the probes from token lists with ProbeSet.from_tokens(lists)."
+                    )
+                if pad_id is not None and (toks[:, -1] == pad_id).any() and (toks[:, 0] != pad_id).all():
+                    raise ProbeError(
+                        "these tokens look right-padded (rows end with pad_id) but no attention_mask was "
+                        "given; the pad tokens would be read as part of the prompts. Pass attention_mask "
                         "(1 = real token) or build the probes from token lists with ProbeSet.from_tokens(lists)."
                     )
                 mask = torch.ones_like(toks, dtype=torch.long)
@@ -214,13 +222,21 @@ class ProbeSet:
         return torch.where(total > 0, sel / total.clamp_min(1), sel)
 
     def check_vocab(self, d_vocab: int) -> None:
-        """Raise :class:`ProbeError` if a real token id is outside ``[0, d_vocab)``."""
+        """Raise :class:`ProbeError` if a token id (real or padding) is outside ``[0, d_vocab)``."""
         bad = (self.tokens >= d_vocab) & self.attention_mask.bool()
         if bad.any():
             i, j = (int(x) for x in bad.nonzero()[0])
             raise ProbeError(
                 f"token id {int(self.tokens[i, j])} (prompt {i}, position {j}) is outside the model's "
                 f"vocabulary of {d_vocab}; the probes were tokenised for a different model."
+            )
+        pad = self.tokens >= d_vocab  # only padding is left: masked, but still embedded by the model
+        if pad.any():
+            i, j = (int(x) for x in pad.nonzero()[0])
+            raise ProbeError(
+                f"pad id {int(self.tokens[i, j])} (prompt {i}, position {j}) is outside the model's vocabulary of "
+                f"{d_vocab}; padding is masked but still embedded. Pad with an id inside the vocabulary "
+                "(e.g. pad_id=0 or the EOS id)."
             )
 
     def batches(self, batch_size: int = 32) -> Iterator[ProbeBatch]:
