@@ -76,7 +76,7 @@ class ToyConfig:
     # probes and held-out evaluation sets (drawn from disjoint held-out regions of the prompt space)
     n_probes: int = 256
     n_eval: int = 512  # harmful evaluation prompts
-    n_eval_benign: int = 512
+    n_eval_benign: int = 256  # benign accuracy sits near 100%: 256 prompts give a standard error under 1 point
 
     def __post_init__(self) -> None:
         self.language()  # validates the operations

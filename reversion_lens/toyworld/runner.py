@@ -149,7 +149,9 @@ def run_arm(task: tuple[ExperimentConfig, int, str, str]) -> Path:
                 rows = tracker.measure(step, m)
                 rec["rows"] = rows
                 save_tensors(steps_dir / f"step_{step}.safetensors", {"mean": tracker.means[step]})
-            if step in config.eval_steps:
+            if step in config.eval_steps and step == 0:  # the aligned model: evaluated once per seed already
+                rec["eval"] = info["evals"]["aligned"]
+            elif step in config.eval_steps:
                 # Harmfulness of the model as trained: a forward clamp is part of its computation. For
                 # forward modes the bare weights (intervention paused) are evaluated too, in evals.json.
                 with eval_mode(m):
