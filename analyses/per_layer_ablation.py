@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("results/per_layer"))
     ap.add_argument("--quick", action="store_true", help="tiny preset, 2 seeds, 40 steps")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cache-dir", help="toy history cache (default ~/.cache/reversion_lens)")
     ap.add_argument("--format", choices=("html", "png", "both", "none"), default="both")
     args = ap.parse_args(argv)
     if args.quick:
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         track_steps=tuple(s for s in (1, 5, 20, args.steps) if s <= args.steps),
         eval_steps=(0, args.steps),
         workers=args.workers,
+        cache_dir=args.cache_dir,
     )
     out = run_experiment(config, args.out, LocalExecutor(config.workers))
     table = per_layer_table(out, config)

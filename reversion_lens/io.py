@@ -38,6 +38,9 @@ __all__ = [
     "FileLock",
 ]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 #: Version of the on-disk results format. Bump when a reader could misread older files.
 FORMAT_VERSION = 1
 
@@ -47,6 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *more: bytes | memo
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files (0644 under umask 022)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in (data, *more):

@@ -157,6 +157,11 @@ def _f(entry: dict[str, Any] | None, pct: bool = False, digits: int = 2) -> str:
     return format_mean_std(m, s, digits=1 if pct else digits, percent=pct)
 
 
+def _pts(entry: dict[str, Any] | None) -> str:
+    """A paired difference of two rates, in percentage points."""
+    return _f(entry, pct=True).replace("%", " pts") if entry and entry.get("mean") is not None else "n/a"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
@@ -200,7 +205,7 @@ def render_markdown(s: dict[str, Any]) -> str:
         lines.append(f"| harmfulness after fine-tuning, no block | {100 * PAPER['harmful_none']:.1f}% | {_f(out['none']['harmful_rate'], pct=True)} |")
     if blk:
         lines.append(f"| harmfulness, `grad:v_rev` block | {100 * PAPER['harmful_block']:.1f}% | {_f(out[blk]['harmful_rate'], pct=True)} |")
-        lines.append(f"| paired difference, block − none (per seed) | −10.5 points | {_f(out[blk].get('harmful_rate_minus_none'), pct=True)} |")
+        lines.append(f"| paired difference, block − none (per seed) | −10.5 pts | {_pts(out[blk].get('harmful_rate_minus_none'))} |")
     lines += [
         "",
         "## Per arm at step T",
@@ -212,8 +217,8 @@ def render_markdown(s: dict[str, Any]) -> str:
         o = out[arm]
         lines.append(
             f"| `{arm}` | {_f(o['final_cos'])} | {_f(o['harmful_rate'], pct=True)} | "
-            f"{_f(o.get('harmful_rate_minus_none'), pct=True)} | {_f(o['task_accuracy'], pct=True)} | "
-            f"{_f(o.get('task_accuracy_minus_none'), pct=True)} | {_f(o['task_loss'], digits=3)} | {_f(o['weight_cos'])} |"
+            f"{_pts(o.get('harmful_rate_minus_none'))} | {_f(o['task_accuracy'], pct=True)} | "
+            f"{_pts(o.get('task_accuracy_minus_none'))} | {_f(o['task_loss'], digits=4)} | {_f(o['weight_cos'])} |"
         )
     h = s["history"]
     lines += [
