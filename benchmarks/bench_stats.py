@@ -82,11 +82,9 @@ def main() -> None:
     torch.set_num_threads(1)
     model = build(args.small)
     model.eval()
-    L = model.cfg.n_layers
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, model.cfg.d_vocab, (args.prompts, 64), generator=g)
     probes = rl.ProbeSet.from_tokens(toks)
-    resid = [f"blocks.{l}.hook_resid_post" for l in range(L)]
     kept: dict[str, int] = {}
 
     def body_forward():

@@ -16,6 +16,7 @@ __all__ = [
     "UnsafeLoadError",
     "ConfigError",
     "SpecError",
+    "reject_unknown_fields",
 ]
 
 
@@ -61,3 +62,13 @@ class ConfigError(ReversionLensError):
 
 class SpecError(ReversionLensError):
     """A model spec that cannot be resolved (unknown name offline, bad revision, ...)."""
+
+
+def reject_unknown_fields(cls: type, d: dict, what: str) -> None:
+    """Raise :class:`ConfigError` if ``d`` has keys that are not fields of dataclass ``cls``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s) {unknown}; valid fields are {sorted(names)}.")

@@ -29,11 +29,11 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import ConfigError, ResultsFormatError, ReversionLensError
+from .errors import ConfigError, ResultsFormatError, ReversionLensError, reject_unknown_fields
 from .io import FORMAT_VERSION, FileLock, config_hash, environment, read_json, write_json
 from .sites import SITES
 
@@ -142,11 +142,7 @@ class ExperimentConfig:
         from .toyworld.history import ToyConfig
         from .toyworld.runner import toy_config
 
-        unknown = sorted(set(self.toy) - {f.name for f in fields(ToyConfig)})
-        if unknown:
-            raise ConfigError(
-                f"unknown toy field(s) {unknown}; valid fields are {sorted(f.name for f in fields(ToyConfig))}."
-            )
+        reject_unknown_fields(ToyConfig, self.toy, "toy")
         n_layers = toy_config(self).n_layers  # a bad preset or toy value: an error now, not in a worker later
         for a in self.arms:
             bad = [x for x in Arm.parse(a).layers or () if not -n_layers <= x < n_layers]
@@ -159,10 +155,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}.")
+        reject_unknown_fields(cls, d, "config")
         d = dict(d)
         for k in ("seeds", "arms", "track_steps", "eval_steps"):
             if k in d:

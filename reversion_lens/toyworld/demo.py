@@ -7,7 +7,6 @@ Interrupted? Run the same command again: finished seeds and runs are kept, the r
 """
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path

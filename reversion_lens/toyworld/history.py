@@ -19,13 +19,13 @@ import shutil
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, reject_unknown_fields
 from ..history import Checkpoint, History
 from ..io import FileLock, config_hash, read_json, torch_threads, write_json
 from ..models import load_native, save_native
@@ -108,10 +108,7 @@ class ToyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ToyConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown ToyConfig field(s) {unknown}; valid fields: {sorted(names)}.")
+        reject_unknown_fields(cls, d, "ToyConfig")
         tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
         return cls(**{**d, **tuples})
 

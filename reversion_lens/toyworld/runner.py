@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..activations import ResidStats, residual_stats
+from ..activations import ResidStats
 from ..directions import Direction, mean_difference, vocab_readout
 from ..experiments import Arm, ExperimentConfig, lock_for, run_dir, seed_dir, write_rows_csv
 from ..io import read_json, save_tensors, torch_threads, write_json
