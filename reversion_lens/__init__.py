@@ -41,7 +41,14 @@ _LAZY = {"figures", "export", "report", "toyworld", "experiments", "results", "t
          "tracking", "evaluation", "generation", "models", "specs", "text", "cli"}  # fmt: skip
 
 
+# The verbs of DESIGN.md's sketch, also on first use: ``rl.block``, ``rl.finetune``, ``rl.DriftTracker``.
+_LAZY_NAMES = {"block": "interventions", "finetune": "training", "DriftTracker": "tracking",
+               "run_experiment": "experiments", "ExperimentConfig": "experiments"}  # fmt: skip
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'reversion_lens' has no attribute {name!r}")

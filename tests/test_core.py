@@ -243,3 +243,12 @@ def test_history_incompatible_checkpoints(tmp_path):
     other_vocab = Checkpoint.in_memory("aligned", make_native(d_vocab=41))
     with pytest.raises(IncompatibleCheckpointsError, match="d_vocab 40 vs 41"):
         History([Checkpoint.in_memory("base", make_native()), other_vocab])
+
+
+def test_public_verbs_load_lazily():
+    from reversion_lens import interventions, tracking, training
+
+    assert rl.block is interventions.block and rl.finetune is training.finetune
+    assert rl.DriftTracker is tracking.DriftTracker
+    with pytest.raises(AttributeError, match="no attribute 'blockk'"):
+        rl.blockk
