@@ -25,10 +25,6 @@ TRAJECTORY_COLUMNS = (
 )  # fmt: skip
 
 
-#: Modes that change the forward pass; their runs are also evaluated with the intervention paused.
-FORWARD_MODES = ("clamp", "ablate")
-
-
 def toy_config(config: ExperimentConfig) -> ToyConfig:
     extra = dict(config.toy)
     if config.n_probes is not None:
@@ -112,7 +108,6 @@ def _interventions(arm: Arm, model: Any, v: Direction, aligned: ResidStats, base
 
 def run_arm(task: tuple[ExperimentConfig, int, str, str]) -> Path:
     """Fine-tune the aligned model of ``seed`` in ``arm``, tracking drift and evaluating; resumable."""
-    from ..interventions import paused
     from ..tracking import DriftTracker
     from ..training import eval_mode, finetune
 
@@ -152,13 +147,10 @@ def run_arm(task: tuple[ExperimentConfig, int, str, str]) -> Path:
             if step in config.eval_steps and step == 0:  # the aligned model: evaluated once per seed already
                 rec["eval"] = info["evals"]["aligned"]
             elif step in config.eval_steps:
-                # Harmfulness of the model as trained: a forward clamp is part of its computation. For
-                # forward modes the bare weights (intervention paused) are evaluated too, in evals.json.
+                # finetune calls back with every intervention paused: this evaluates the bare fine-tuned
+                # weights, the model a user would deploy, in every arm (a clamp included).
                 with eval_mode(m):
                     rec["eval"] = hist.evaluate(m)
-                    if arm.mode in FORWARD_MODES:
-                        with paused(m):
-                            rec["eval_bare"] = hist.evaluate(m)
             write_json(out_json, rec)
 
         log_steps = sorted(set(config.track_steps) | set(config.eval_steps))
@@ -184,7 +176,7 @@ def _finish(folder: Path, config: ExperimentConfig, seed: int, arm: Arm, info: d
         rec = read_json(steps_dir / f"step_{step}.json")
         ev = rec.get("eval", {})
         if ev:
-            evals[str(step)] = {**ev, **({"bare": rec["eval_bare"]} if "eval_bare" in rec else {})}
+            evals[str(step)] = ev
         track = {r["layer"]: r for r in rec.get("rows", [])}
         if step in config.track_steps:
             means[f"step_{step}"] = load_tensors(steps_dir / f"step_{step}.safetensors")[0]["mean"]
