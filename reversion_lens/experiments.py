@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -337,16 +336,6 @@ def run_experiment(
     say("[2/2] aggregating")
     results.aggregate(out, config)
     return out
-
-
-def iter_runs(out: str | os.PathLike, config: ExperimentConfig) -> Iterable[tuple[int, str, Path]]:
-    for s in config.seeds:
-        for a in config.arms:
-            yield s, a, run_dir(out, s, a)
-
-
-def clean_state(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def lock_for(path: Path) -> FileLock:

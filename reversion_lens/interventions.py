@@ -99,7 +99,7 @@ from .activations import ResidStats
 from .directions import Direction, random_direction
 from .errors import ConfigError, DirectionError, ShapeError, SiteError
 from .probes import ProbeSet
-from .sites import check_layers, hook_name, is_bridge, residual_write_hooks
+from .sites import all_modules, check_layers, hook_name, is_bridge, residual_write_hooks
 
 __all__ = [
     "Intervention",
@@ -419,14 +419,6 @@ class _StopReference(Exception):
     pass
 
 
-def _modules_of(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every distinct submodule, including a TL4 bridge's ``original_model`` (kept outside ``_modules``)."""
-    seen: dict[int, torch.nn.Module] = {id(m): m for m in model.modules()}
-    original = getattr(model, "original_model", None)
-    if isinstance(original, torch.nn.Module):
-        seen.update((id(m), m) for m in original.modules())
-    return list(seen.values())
-
 
 def _storages(model: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
@@ -553,7 +545,7 @@ class Clamp(Intervention):
             self._keep(hp, "fwd", _add_hook(ref, hp, name, self._make_reader(i, self.direction[layer], i == last), "fwd"))
         self._keep(None, "module", self.model.register_forward_pre_hook(self._capture, with_kwargs=True))
         self._keep(None, "module", self.model.register_forward_hook(self._release, always_call=True))
-        self._ref_modules = _modules_of(ref)
+        self._ref_modules = all_modules(ref)
 
     def _on_remove(self) -> None:
         self._targets = self._sink = None

@@ -35,6 +35,7 @@ __all__ = [
     "is_bridge",
     "model_signature",
     "unembedding",
+    "all_modules",
 ]
 
 SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -143,3 +144,12 @@ def unembedding(model: object) -> torch.Tensor:
     if W_U is None:
         raise SiteError(f"{type(model).__name__} exposes no W_U; cannot read directions through the unembedding.")
     return W_U.detach()
+
+
+def all_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every distinct submodule, including a TL4 bridge's ``original_model`` (kept outside ``_modules``)."""
+    seen: dict[int, torch.nn.Module] = {id(m): m for m in model.modules()}
+    original = getattr(model, "original_model", None)
+    if isinstance(original, torch.nn.Module):
+        seen.update((id(m), m) for m in original.modules())
+    return list(seen.values())

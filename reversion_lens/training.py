@@ -39,6 +39,7 @@ from torch import Tensor
 from .errors import ConfigError, NonFiniteError
 from .interventions import active_interventions, paused
 from .io import FileLock, environment, load_tensors, read_json, save_tensors, write_json
+from .sites import all_modules
 
 __all__ = [
     "Batch",
@@ -133,18 +134,10 @@ def tracking_steps(steps: int) -> tuple[int, ...]:
     return tuple(sorted(set(out + [steps])))
 
 
-def _all_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every distinct submodule, including a TL4 bridge's ``original_model`` (kept outside ``_modules``)."""
-    seen: dict[int, torch.nn.Module] = {id(m): m for m in model.modules()}
-    original = getattr(model, "original_model", None)
-    if isinstance(original, torch.nn.Module):
-        seen.update((id(m), m) for m in original.modules())
-    return list(seen.values())
-
 
 @contextlib.contextmanager
 def _kept_modes(model: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
-    modules = _all_modules(model)
+    modules = all_modules(model)
     modes = [m.training for m in modules]
     try:
         yield modules
