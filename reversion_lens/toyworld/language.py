@@ -268,11 +268,20 @@ class ToyLanguage:
         )
 
 
-def make_batch(examples: Sequence[Example]) -> Batch:
-    """Right-padded sequences; ``loss_mask`` is 1 exactly on the response tokens (after ASSIST, EOS included)."""
+#: Minimum columns of a training batch. torch's CPU softmax (2.13, AVX-512) costs ~25 ns per element
+#: when the softmax row is shorter than 16 and ~2 ns from 16 up, so attention over the toy world's 15
+#: positions runs ~10x slower than over 16. Training batches are padded to 16 (masked: the real
+#: positions' results do not change). Not worth it for prompts of ~10 tokens (generation, probes): the
+#: extra columns cost the matmuls more than the softmax saves (benchmarks/bench_fused.py).
+FAST_WIDTH = 16
+
+
+def make_batch(examples: Sequence[Example], width: int = FAST_WIDTH) -> Batch:
+    """Right-padded sequences of at least ``width`` columns (:data:`FAST_WIDTH`: faster on CPU, same
+    results); ``loss_mask`` is 1 exactly on the response tokens (after ASSIST, EOS included)."""
     prompts = [ex.prompt_ids() for ex in examples]
     responses = [ex.response_ids() for ex in examples]
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max(max(len(p) + len(r) for p, r in zip(prompts, responses)), int(width))
     toks, mask, loss = [], [], []
     for p, r in zip(prompts, responses):
         pad = T - len(p) - len(r)
@@ -289,10 +298,11 @@ class ToyData:
     the same data in the same order. Prompts come from the ``train`` region only.
     """
 
-    def __init__(self, language: ToyLanguage, phase: str, batch_size: int, seed: int) -> None:
+    def __init__(self, language: ToyLanguage, phase: str, batch_size: int, seed: int, width: int = FAST_WIDTH) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         self.language, self.phase, self.batch_size, self.seed = language, phase, int(batch_size), int(seed)
+        self.width = int(width)  # minimum columns of a batch (make_batch)
         self._parts = language.parts(phase)
 
     def __repr__(self) -> str:
@@ -309,7 +319,7 @@ class ToyData:
         return [rows[i] for i in order]
 
     def batch(self, step: int) -> Batch:
-        return make_batch(self.examples(step))
+        return make_batch(self.examples(step), self.width)
 
 
 # ------------------------------------------------------------------ the judge and evaluation
@@ -333,7 +343,7 @@ def response_loss(model: object, examples: Sequence[Example], batch_size: int = 
     total, count = 0.0, 0
     device = next(model.parameters()).device  # type: ignore[attr-defined]
     for start in range(0, len(examples), batch_size):
-        b = make_batch(examples[start : start + batch_size])
+        b = make_batch(examples[start : start + batch_size], width=0)
         toks = b.tokens.to(device)
         logits = model(toks, attention_mask=b.attention_mask.to(device))  # type: ignore[operator]
         labels = toks[:, 1:].masked_fill(b.loss_mask[:, 1:].to(device) == 0, -100)
