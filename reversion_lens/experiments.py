@@ -314,7 +314,7 @@ def run_experiment(
 ) -> Path:
     """Run (or resume) every seed x arm of ``config`` into ``out`` and aggregate. Returns ``out``."""
     from . import results
-    from .toyworld.runner import run_arm
+    from .toyworld.runner import run_task
 
     out = Path(out).resolve()  # workers (other processes, other machines) must not depend on our cwd
     out.mkdir(parents=True, exist_ok=True)
@@ -325,14 +325,17 @@ def run_experiment(
     _check_or_write_config(out, config)
     executor = executor or LocalExecutor(config.workers, config.threads_per_worker)
     say = log or (lambda s: None)
-    # Each run first prepares its seed (history, v_rev, nulls; idempotent and locked). Tasks are ordered
-    # arm-major, so neighbouring tasks belong to different seeds: while one worker builds a history the
-    # others build other seeds' histories or fine-tune seeds that are ready, instead of waiting.
-    tasks = [(config, s, a, str(out)) for a in config.arms for s in config.seeds]
-    todo = [t for t in tasks if not (run_dir(out, t[1], t[2]) / "done.json").exists()]
-    say(f"[1/2] {len(config.seeds)} seeds x {len(config.arms)} arms -> {out}: {len(todo)} of {len(tasks)} runs to do "
-        f"({len(tasks) - len(todo)} already complete)")  # fmt: skip
-    executor.map(run_arm, todo)
+    # Every seed's preparation (history, v_rev, nulls: the long tasks) is queued first, then the runs seed by
+    # seed. Workers take tasks in order, so a run starts only once its seed is ready or being prepared by
+    # another worker, and the last seed to be prepared has its runs last: no worker waits on a seed's lock
+    # while other work is queued. (Both kinds of task are idempotent and locked, so any order is correct.)
+    runs = [(config, s, a, str(out)) for s in config.seeds for a in config.arms]
+    todo = [t for t in runs if not (run_dir(out, t[1], t[2]) / "done.json").exists()]
+    seeds = [(config, s, str(out)) for s in dict.fromkeys(t[1] for t in todo)]
+    seeds = [t for t in seeds if not (seed_dir(out, t[1]) / "seed.json").exists()]
+    say(f"[1/2] {len(config.seeds)} seeds x {len(config.arms)} arms -> {out}: {len(todo)} of {len(runs)} runs to do "
+        f"({len(runs) - len(todo)} already complete)")  # fmt: skip
+    executor.map(run_task, [("seed", t) for t in seeds] + [("run", t) for t in todo])
     say("[2/2] aggregating")
     results.aggregate(out, config)
     return out

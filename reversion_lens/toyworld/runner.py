@@ -16,7 +16,7 @@ from ..io import read_json, save_tensors, torch_threads, write_json
 from ..stats import isotropic_quantile, matched_quantile
 from .history import ToyConfig, ToyHistory, build_history
 
-__all__ = ["toy_config", "load_history", "prepare_seed", "run_arm", "TRAJECTORY_COLUMNS", "weight_cosine"]
+__all__ = ["toy_config", "load_history", "prepare_seed", "run_arm", "run_task", "TRAJECTORY_COLUMNS", "weight_cosine"]
 
 TRAJECTORY_COLUMNS = (
     "seed", "arm", "step", "layer", "cos", "projection", "drift_norm", "reversion_ratio",
@@ -85,6 +85,17 @@ def prepare_seed(task: tuple[ExperimentConfig, int, str]) -> dict[str, Any]:
         }
         write_json(done, info)
         return info
+
+
+def run_task(task: tuple[str, tuple[Any, ...]]) -> Any:
+    """``("seed", args)`` -> :func:`prepare_seed`, ``("run", args)`` -> :func:`run_arm`: one function, so
+    one executor ``map`` can interleave both kinds of task."""
+    kind, args = task
+    if kind == "seed":
+        return prepare_seed(args)  # type: ignore[arg-type]
+    if kind == "run":
+        return run_arm(args)  # type: ignore[arg-type]
+    raise ValueError(f"unknown task kind {kind!r}; use 'seed' or 'run'.")
 
 
 def _interventions(arm: Arm, model: Any, v: Direction, aligned: ResidStats, base: ResidStats, hist: ToyHistory,
