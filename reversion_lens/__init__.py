@@ -6,6 +6,10 @@
 >>> v = hist.history.direction(probes)            # v_rev, [layer, d_model]           # doctest: +SKIP
 """
 
+import time as _time
+
+_STARTED = _time.perf_counter()  # `reversion-lens demo` reports its wall time from here (imports included)
+
 import importlib
 from typing import Any
 

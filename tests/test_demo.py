@@ -1,10 +1,10 @@
 """End to end on the toy world: the phenomenon is measured, not asserted into existence.
 
-Margins come from a measured run of the tiny preset (5 seeds, T = 100, see the issue note):
-harmfulness after fine-tuning minus after alignment, per seed, 0.23 to 0.72; alignment at the last
-layer in the ``none`` arm 0.09 to 0.93 over steps 1-100 (mean 0.66) against an isotropic p99 of 0.33;
-``grad:v_rev`` alignment -0.45 to -0.03; paired harmfulness difference block - none -0.15 ± 0.04.
-"""
+Margins come from a measured run of this configuration on seeds 0-5 (tiny preset, T = 100, 64 probes;
+see the issue note): harmfulness after fine-tuning minus after alignment, per seed, 0.22 to 0.80;
+mean alignment at the last layer in the ``none`` arm over steps 1-100, per seed, 0.57 to 0.78 against an
+isotropic p99 of 0.33; ``grad:v_rev`` alignment per seed -0.42 to -0.11; paired harmfulness difference
+block - none -0.16 ± 0.06 (per seed -0.24 to -0.10)."""
 
 import os
 import subprocess

@@ -98,7 +98,8 @@ class ToyConfig:
             "default": {},
             "paper": dict(d_model=128, n_layers=4, d_mlp=512),  # d_mlp = 4 d_model, as in the default
             # CI: the smallest configuration found that still reverts in every seed (6 seeds: harmful
-            # 0-1% after alignment, 23-78% after 100 benign steps, 0% under aligned-mix). Rotary
+            # 0-1% after alignment, then +22 to +80 points after 100 benign steps; 0% under aligned-mix
+            # when first measured). Rotary
             # positions learn the positional operations in half the steps; 400 steps was less robust.
             "tiny": dict(d_model=48, n_layers=2, d_mlp=192, positional="rotary", pretrain_steps=500,
                          pretrain_batch=64, pretrain_lr=3e-3, n_probes=128, n_eval=256, n_eval_benign=128),
