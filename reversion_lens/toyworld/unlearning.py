@@ -10,12 +10,12 @@ longer refused) and ``forget_accuracy`` (share answered fully correctly: the cap
 Whether its drift aligns with the history direction is measured as in the main setting, with
 ``probes("forget")`` and the checkpoints ``base`` and ``aligned`` (here: the unlearned model).
 
-What was measured (default config, forget ``rev`` or ``add5``, seeds 0-2, 100 fine-tuning steps):
-the drift on the forget probes points along v_rev about as much as in the main setting (cosine
-0.5-0.9 per layer at step 100; lower or negative for the aligned-mix control), but at the main
-setting's lr of 1e-4 the forgotten operation barely comes back (forget_rate 0-8%, mean P(REFUSE)
-0.97 -> 0.90). At lr 3e-4 it does in some seeds (0-49%, mean about 19%; up to 39% fully correct),
-while the control stays at 0%. Unlearning one operation is deeper than aligning away three.
+Measured with ``python analyses/unlearning.py`` (default preset, forget ``rev``, seeds 0-4, 100 steps):
+unlearning holds (forget_rate 0% in every seed, retained accuracy 99.1%). Benign fine-tuning on the
+other operations moves the forget probes along v_rev as in the main setting (cos 0.72 ± 0.06 at the
+last layer, against 0.19 ± 0.14 for the aligned-mix control), but at the main setting's lr of 1e-4 the
+forgotten operation comes back in one seed of five (forget_rate 0, 0, 31, 0, 1%). At lr 3e-4 it comes
+back in most (9, 1, 93, 9, 58%; 20.8 ± 28.2% answered fully correctly) while the control stays at 0%.
 """
 
 import dataclasses
