@@ -128,4 +128,3 @@ def fused_lm_loss(model: Any, batch: Batch) -> Tensor:
     logits = fused_logits(model, batch.tokens.to(device), batch.attention_mask.to(device))
     labels = shifted_labels(batch, device)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-
