@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reversion_lens import mean_difference, residual_stats
+from reversion_lens import mean_difference
 from reversion_lens.experiments import ExperimentConfig, LocalExecutor, write_rows_csv
 from reversion_lens.io import atomic_write_text, read_json, torch_threads, write_json
 from reversion_lens.toyworld import ToyConfig, build_unlearning_history
@@ -41,7 +41,7 @@ def run(task: tuple) -> list[dict]:
     with torch_threads(1):
         hist = build_unlearning_history(ToyConfig.preset(preset), seed, forget, cache_dir=cache_dir)
         probes = hist.probes("forget")
-        st = {name: residual_stats(hist.load(name), probes) for name in ("base", "aligned")}
+        st = hist.history.stats(probes, ["base", "aligned"])
         v = mean_difference(st["base"], st["aligned"])
         tracker = DriftTracker(probes, v, reference=st["aligned"], base=st["base"])
         rows: list[dict] = []

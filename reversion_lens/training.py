@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import ConfigError, NonFiniteError
@@ -47,6 +47,7 @@ __all__ = [
     "OptimConfig",
     "FinetuneResult",
     "lm_loss",
+    "next_token_loss",
     "shifted_labels",
     "make_optimizer",
     "lr_at",
@@ -120,8 +121,12 @@ def lm_loss(model: Any, batch: Batch) -> Tensor:
     ``return_type="loss"`` materialises (PERFORMANCE.md).
     """
     device = next(model.parameters()).device
-    logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device))
-    labels = shifted_labels(batch, device)
+    return next_token_loss(model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device)), batch)
+
+
+def next_token_loss(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Tensor:
+    """Mean cross-entropy of ``logits`` (however computed) against ``batch``'s shifted target tokens."""
+    labels = shifted_labels(batch, logits.device)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 

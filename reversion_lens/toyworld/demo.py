@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import _STARTED
 from ..errors import ConfigError
 from ..experiments import ExperimentConfig, LocalExecutor, run_experiment
 
@@ -81,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
         written = write_report(out, formats=formats)
         print(f"figures: {len(written)} written to {Path(out) / 'figures'}")
     print((Path(out) / "summary.md").read_text())
-    import reversion_lens
-
-    print(f"done in {time.perf_counter() - reversion_lens._STARTED:.0f} s (imports included) -> {out}")
+    print(f"done in {time.perf_counter() - _STARTED:.0f} s (imports included) -> {out}")
     return 0
 
 

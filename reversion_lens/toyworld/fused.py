@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..training import Batch, lm_loss, shifted_labels
+from ..training import Batch, lm_loss, next_token_loss
 
 __all__ = ["supports_fused", "fused_logits", "fused_lm_loss"]
 
@@ -93,7 +93,11 @@ def fused_logits(model: Any, tokens: Tensor, attention_mask: Tensor | None = Non
             "fused_logits covers TL-native LayerNorm models with a plain MLP and full attention and no hooks "
             "attached; call the model itself (or use fused_lm_loss, which falls back to it) for this one."
         )
-    nat = _native(model)
+    return _fused_logits(_native(model), tokens, attention_mask)
+
+
+def _fused_logits(nat: Any, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """:func:`fused_logits` for a native model already checked by :func:`supports_fused`."""
     B, T = tokens.shape
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(tokens.device)
     position_ids = mask.long().cumsum(-1) - 1
@@ -125,6 +129,4 @@ def fused_lm_loss(model: Any, batch: Batch) -> Tensor:
     if not supports_fused(model):
         return lm_loss(model, batch)
     device = next(model.parameters()).device
-    logits = fused_logits(model, batch.tokens.to(device), batch.attention_mask.to(device))
-    labels = shifted_labels(batch, device)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    return next_token_loss(_fused_logits(_native(model), batch.tokens.to(device), batch.attention_mask.to(device)), batch)
