@@ -25,6 +25,7 @@ __all__ = [
     "make_tokenizer",
     "save_tiny_gpt2",
     "save_tiny_neox",
+    "save_tiny_llama",
     "save_tiny",
     "perturbed_copy",
     "mismatched_copy",
@@ -111,9 +112,27 @@ def save_tiny_neox(
     return _save(GPTNeoXForCausalLM(cfg).eval(), tok, Path(folder))
 
 
+def save_tiny_llama(
+    folder: str | Path, *, n_layers: int = 3, d_model: int = 32, seed: int = 0, chat: bool = False,
+    tied: bool = True,
+) -> Path:
+    """A random-weight Llama with grouped-query attention (4 query heads, 2 key/value heads), RMSNorm,
+    rotary positions and a gated MLP: SmolLM2's family. ``tied``: tied embeddings, as SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer(CHAT_TEMPLATE if chat else None)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=2 * d_model, max_position_embeddings=64, initializer_range=0.2,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return _save(LlamaForCausalLM(cfg).eval(), tok, Path(folder))
+
+
 def save_tiny(arch: str, folder: str | Path, **kwargs) -> Path:
-    """``arch`` is ``"gpt2"`` or ``"neox"``."""
-    builders = {"gpt2": save_tiny_gpt2, "neox": save_tiny_neox}
+    """``arch`` is ``"gpt2"``, ``"neox"`` or ``"llama"`` (grouped-query attention)."""
+    builders = {"gpt2": save_tiny_gpt2, "neox": save_tiny_neox, "llama": save_tiny_llama}
     return builders[arch](folder, **kwargs)
 
 
@@ -142,7 +161,7 @@ def perturbed_copy(src: str | Path, dst: str | Path, *, scale: float = 0.1, seed
 def mismatched_copy(src: str | Path, dst: str | Path, *, n_layers: int | None = None) -> Path:
     """A model of the same family and tokenizer as ``src`` but a different number of layers."""
     cfg = json.loads((Path(src) / "config.json").read_text())
-    arch = "neox" if cfg["model_type"] == "gpt_neox" else "gpt2"
+    arch = {"gpt_neox": "neox", "llama": "llama"}.get(cfg["model_type"], "gpt2")
     L = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     chat = (Path(src) / "chat_template.jinja").exists() or "chat_template" in json.loads(
         (Path(src) / "tokenizer_config.json").read_text()
@@ -163,7 +182,9 @@ def hf_hidden_means(folder: str | Path, texts: list[str], *, chat: bool = False,
 
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    blocks = model.gpt_neox.layers if model.config.model_type == "gpt_neox" else model.transformer.h
+    blocks = {"gpt_neox": lambda: model.gpt_neox.layers, "llama": lambda: model.model.layers}.get(
+        model.config.model_type, lambda: model.transformer.h
+    )()
     L = len(blocks)
     last: list[torch.Tensor] = []
     handle = blocks[-1].register_forward_hook(lambda m, i, o: last.append(o[0] if isinstance(o, tuple) else o))
@@ -188,10 +209,10 @@ def hf_hidden_means(folder: str | Path, texts: list[str], *, chat: bool = False,
 # ------------------------------------------------------------------ pytest fixtures
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """``{(arch, role): folder}`` for arch in gpt2/neox and role in base/aligned/mismatched/chat, built once."""
+    """``{(arch, role): folder}`` for arch in gpt2/neox/llama and role in base/aligned/mismatched/chat, built once."""
     root = tmp_path_factory.mktemp("hf_models")
     out = {}
-    for arch in ("gpt2", "neox"):
+    for arch in ("gpt2", "neox", "llama"):
         base = save_tiny(arch, root / f"{arch}_base", seed=0)
         out[arch, "base"] = base
         out[arch, "aligned"] = perturbed_copy(base, root / f"{arch}_aligned", seed=1)
