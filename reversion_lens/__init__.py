@@ -41,13 +41,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Heavier or optional parts load on first use: ``rl.figures``, ``rl.toyworld``, ...
-_LAZY = {"figures", "export", "report", "toyworld", "experiments", "results", "training", "interventions",
-         "tracking", "evaluation", "generation", "models", "specs", "text", "cli"}  # fmt: skip
+_LAZY = {"figures", "export", "report", "toyworld", "pipeline", "training", "interventions", "tracking", "evaluation",
+         "generation", "models", "specs", "text", "cli", "hooks", "nulls", "registry", "hf", "distributed"}  # fmt: skip
 
 
 # The verbs of DESIGN.md's sketch, also on first use: ``rl.block``, ``rl.finetune``, ``rl.DriftTracker``.
 _LAZY_NAMES = {"block": "interventions", "finetune": "training", "DriftTracker": "tracking",
-               "run_experiment": "experiments", "ExperimentConfig": "experiments"}  # fmt: skip
+               "run_experiment": "pipeline", "ExperimentConfig": "pipeline"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

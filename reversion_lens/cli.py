@@ -413,7 +413,7 @@ def cmd_track(args: argparse.Namespace, argv: list[str]) -> int:
     from .directions import Direction
     from .errors import ConfigError, IncompatibleCheckpointsError, ProbeError
     from .evaluation import Evaluator
-    from .interventions import MODES, block, random_control
+    from .interventions import MODES, block, random_control  # noqa: F401
     from .io import write_json
     from .specs import parse_spec
     from .stats import isotropic_quantile
@@ -426,7 +426,7 @@ def cmd_track(args: argparse.Namespace, argv: list[str]) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}.")
     if args.block not in ("none", *MODES):
-        raise ConfigError(f"--block {args.block!r}: choose none or one of {', '.join(MODES)}.")
+        raise ConfigError(f"--block {args.block!r}: choose none or one of {', '.join(MODES.names())}.")
     spec = parse_spec(args.model, **_spec_options(args))
     dir_cfg = _direction_folder(args.direction)
     direction = Direction.load(args.direction / "direction.safetensors")

@@ -300,3 +300,12 @@ def _token_str(tok: Any, tid: int) -> str:
             out = out if isinstance(out, str) else str(out)
             return out if out.strip() else f"<{tid}>"  # padding and control tokens decode to nothing
     return str(tid)
+
+
+# The v_rev estimators the experiment config can name (``direction = "..."``): fn(base, aligned) -> Direction.
+from .registry import ESTIMATORS  # noqa: E402
+
+ESTIMATORS.register("mean_difference", mean_difference, per_prompt=False,
+                    doc="normalize(mean_base - mean_aligned) per layer")
+ESTIMATORS.register("principal_component", principal_component, per_prompt=True,
+                    doc="top principal component of the per-prompt displacements, sign-aligned")

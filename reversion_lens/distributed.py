@@ -1,19 +1,21 @@
-"""Run experiment tasks on a Ray cluster: :class:`RayExecutor`, an :class:`~reversion_lens.experiments.Executor`.
+"""Run experiment tasks on a Ray cluster: :class:`RayExecutor`, an :class:`~reversion_lens.pipeline.Executor`.
 
 Ray is an optional extra (``pip install 'reversion_lens[ray]'``) and is imported only when a map runs.
 
 ::
 
     from reversion_lens.distributed import RayExecutor
-    from reversion_lens.experiments import ExperimentConfig, run_experiment
+    from reversion_lens.pipeline import ExperimentConfig, run_experiment
 
     config = ExperimentConfig(seeds=(0, 1, 2, 3, 4), threads_per_worker=2)
     run_experiment(config, "/shared/results/sweep", executor=RayExecutor("auto", num_cpus_per_task=2))
 
 Each item becomes one Ray task (``ray.remote(num_cpus=num_cpus_per_task)``) that runs ``fn(item)`` with
-torch's thread count set to ``num_cpus_per_task``; results come back in the order of ``items``. Every
+torch's thread count set to ``num_cpus_per_task``; results come back in the order of ``items``. An item
+with a ``num_gpus`` attribute (the runner's tasks have one: 1 when the setting runs on CUDA) asks Ray for
+that many GPUs, so a sweep on a GPU cluster puts one run per GPU. Every
 task runs to the end even when one fails; then the first failure (in item order) is raised as a
-:class:`TaskError` naming its item, so a rerun of :func:`~reversion_lens.experiments.run_experiment`
+:class:`TaskError` naming its item, so a rerun of :func:`~reversion_lens.pipeline.run_experiment`
 only redoes what did not finish (its task functions are idempotent, write each result folder atomically
 and lock it, so seeds x arms (x layers, with ``@<layer>`` arms) run in parallel safely).
 
@@ -62,7 +64,7 @@ def import_ray() -> Any:
     except ImportError as e:
         raise ImportError(
             f"RayExecutor needs Ray, which is not installed: {_INSTALL_HINT} (or pip install 'ray>=2.9'). "
-            "Without Ray, use reversion_lens.experiments.LocalExecutor (local processes) or SerialExecutor."
+            "Without Ray, use reversion_lens.pipeline.LocalExecutor (local processes) or SerialExecutor."
         ) from e
     return ray
 
@@ -75,6 +77,11 @@ def _run_task(fn: Callable[[Any], Any], item: Any, threads: int) -> Any:
 
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlevel = 120, 120, 3
+
+
+def _with_gpus(remote: Any, item: Any) -> Any:
+    gpus = float(getattr(item, "num_gpus", 0) or 0)
+    return remote.options(num_gpus=gpus) if gpus else remote
 
 
 def _describe_item(item: Any) -> str:
@@ -147,7 +154,7 @@ class RayExecutor:
         self.shutdown()
 
     # -------------------------------------------------------------- the Executor protocol
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], progress: Any = None) -> list[Any]:
         """``[fn(x) for x in items]``, each call a Ray task; raises :class:`TaskError` after all tasks end
         if any failed (the first failed item, in order, is named)."""
         items = list(items)
@@ -159,9 +166,16 @@ class RayExecutor:
             options["runtime_env"] = self._task_env
         remote = ray.remote(**options)(_run_task)
         fn_ref = ray.put(fn)
-        refs = [remote.remote(fn_ref, x, self.num_cpus_per_task) for x in items]
+        refs = [_with_gpus(remote, x).remote(fn_ref, x, self.num_cpus_per_task) for x in items]
         try:
-            ray.wait(refs, num_returns=len(refs), fetch_local=False)  # every task ends, failed or not
+            pending = list(refs)
+            while pending:  # every task ends, failed or not
+                ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+                if progress is not None:
+                    for ref in ready:
+                        item = items[refs.index(ref)]
+                        if getattr(item, "counts", True):
+                            progress.finished(str(item))
         except BaseException:  # Ctrl-C in the driver: stop the tasks rather than leave them running
             for ref in refs:
                 ray.cancel(ref)

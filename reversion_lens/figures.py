@@ -35,6 +35,7 @@ from .errors import ReversionLensError, ResultsFormatError, SiteError
 __all__ = [
     "ARM_COLORS",
     "arm_colors",
+    "arm_order",
     "alignment_heatmap",
     "alignment_curves",
     "null_comparison",
@@ -45,17 +46,15 @@ __all__ = [
     "isotropic_p99",
 ]
 
-#: Fixed colours (Okabe-Ito, colour-blind safe) of the known arms; their order is the legend order.
+#: Colours of the arms that are not an intervention (Okabe-Ito, colour-blind safe). An intervention arm
+#: ``<mode>:v_rev`` takes its mode's colour from the mode registry (``reversion_lens.registry.MODES``);
+#: ``<mode>:random`` controls are grey, and ``@<layers>`` variants a lighter shade of their mode's colour.
 ARM_COLORS: dict[str, str] = {
     "none": "#D55E00",
-    "grad:v_rev": "#0072B2",
-    "grad:random": "#999999",
-    "clamp:v_rev": "#009E73",
+    "control:rehearsal": "#E69F00",
     "control:aligned-mix": "#E69F00",
-    "penalty-block:v_rev": "#56B4E9",
-    "penalty-push:v_rev": "#CC79A7",
-    "update:v_rev": "#000000",
 }
+RANDOM_COLOR = "#999999"
 # Unknown arms: Paul Tol's "muted" palette, picked by a stable hash of the name.
 _EXTRA_PALETTE = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499")
 
@@ -74,17 +73,50 @@ VOCAB = "the vocabulary readout table (layer, side, rank, token, score)"
 def arm_colors(arms: Iterable[str]) -> dict[str, str]:
     """One colour per arm, the same in every figure and call, whatever order the arms come in.
 
-    Known arms (``ARM_COLORS``) get their fixed colour; any other name gets a palette colour chosen
-    by a hash of the name (two unknown names can share a colour; pass known names to avoid it).
+    ``none`` and the data control have fixed colours; ``<mode>:v_rev`` the colour its mode registered
+    (``MODES.register(..., color=...)``); ``<mode>:random`` grey; any other name a palette colour chosen
+    by a hash of the name (two unknown names can share a colour).
     """
+    from .registry import MODES
+
     out = {}
     for arm in arms:
+        head, _, tail = str(arm).partition(":")
+        direction, _, layers = tail.partition("@")
+        entry = MODES.get(head) if tail else None
         if arm in ARM_COLORS:
             out[arm] = ARM_COLORS[arm]
+        elif entry is not None and direction == "random":
+            out[arm] = RANDOM_COLOR
+        elif entry is not None and entry.meta.get("color") and not layers:
+            out[arm] = entry.meta["color"]
         else:
             h = int.from_bytes(hashlib.sha256(str(arm).encode()).digest()[:4], "big")
             out[arm] = _EXTRA_PALETTE[h % len(_EXTRA_PALETTE)]
     return out
+
+
+def arm_order(arms: Iterable[str]) -> list[str]:
+    """The legend order: ``none``, then ``<mode>:v_rev`` arms (``grad`` first, then the registry's order),
+    their ``@<layers>`` variants, the ``random`` controls, the data control, and anything else."""
+    from .registry import MODES
+
+    modes = ["grad"] + [m for m in MODES.names() if m != "grad"]
+
+    def key(arm: str) -> tuple:
+        head, _, tail = arm.partition(":")
+        direction, _, layers = tail.partition("@")
+        if arm == "none":
+            return (0,)
+        if head in modes and direction == "v_rev":
+            return (1 if not layers else 2, modes.index(head), layers)
+        if head in modes and direction == "random":
+            return (3, modes.index(head), layers)
+        if head == "control":
+            return (4, arm)
+        return (5, arm)
+
+    return sorted(dict.fromkeys(arms), key=key)
 
 
 def isotropic_p99(d_model: int, q: float = 0.99) -> float:
@@ -133,8 +165,7 @@ def _check_fraction(df: pd.DataFrame, col: str, fn: str) -> None:
 def _arms(df: pd.DataFrame, arms: Sequence[str] | None, fn: str) -> list[str]:
     present = list(dict.fromkeys(df["arm"].astype(str)))
     if arms is None:
-        known = [a for a in ARM_COLORS if a in present]
-        return known + sorted(a for a in present if a not in ARM_COLORS)
+        return arm_order(present)
     absent = [a for a in arms if a not in present]
     if absent:
         raise ResultsFormatError(f"{fn}: arms {absent} are not in the table (it has {present}); pick from those.")
@@ -488,7 +519,7 @@ def per_layer_ablation(table: pd.DataFrame) -> go.Figure:
     _check_fraction(table, "harmful_rate", fn)
     table = table.assign(blocked=table["blocked"].astype(str))
     order = _blocked_order(table["blocked"].unique())
-    special = {"none": ARM_COLORS["none"], "all": ARM_COLORS["grad:v_rev"], "random": ARM_COLORS["grad:random"]}
+    special = {"none": ARM_COLORS["none"], "all": arm_colors(["grad:v_rev"])["grad:v_rev"], "random": RANDOM_COLOR}
     groups = [(b, special.get(b, "#56B4E9"), table[table["blocked"] == b]) for b in order]
     panels = [("harmful_rate", 100.0, HARM_LABEL), ("final_cos", 1.0, f"final {COS_LABEL}")]
     fig = make_subplots(rows=1, cols=2, subplot_titles=["harmfulness", "final alignment"], horizontal_spacing=0.1)
@@ -525,7 +556,7 @@ def vocab_readout(
         raise ResultsFormatError(f"{fn}: column 'side' must hold 'top' or 'bottom', found {found}; rename the values.")
     titles = [f"{s} tokens ({'+' if s == 'top' else '−'}v_rev)" for s in sides]
     fig = make_subplots(rows=1, cols=len(sides), subplot_titles=titles, horizontal_spacing=0.2)
-    colors = {"top": ARM_COLORS["none"], "bottom": ARM_COLORS["grad:v_rev"]}
+    colors = {"top": ARM_COLORS["none"], "bottom": arm_colors(["grad:v_rev"])["grad:v_rev"]}
     n_max = 0
     for j, side in enumerate(sides):
         d = lay[lay["side"] == side].sort_values("rank")

@@ -7,14 +7,16 @@ loader is ``torch.load(weights_only=True)``.
 """
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import pickle
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ __all__ = [
     "environment",
     "config_hash",
     "FileLock",
+    "write_csv",
+    "torch_threads",
 ]
 
 _UMASK = os.umask(0)
@@ -261,6 +265,23 @@ def environment() -> dict[str, Any]:
         "git_commit": commit,
         "git_dirty": dirty,
     }
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """A CSV with a header row, written atomically: ``columns`` in order (other keys ignored), ``None``
+    and NaN as empty cells (what ``pandas.read_csv`` reads back as NaN), floats with full precision."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_cell(r.get(k)) for k in columns})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _csv_cell(x: Any) -> Any:
+    if x is None or (isinstance(x, float) and x != x):
+        return ""
+    return repr(float(x)) if isinstance(x, float) else x
 
 
 def config_hash(obj: Any) -> str:

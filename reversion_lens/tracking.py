@@ -21,10 +21,9 @@ from .activations import ResidStats, residual_stats
 from .directions import Direction
 from .drift import METRIC_COLUMNS, drift_metrics
 from .errors import NonFiniteError, ResultsFormatError, ShapeError
-from .interventions import paused
+from .hooks import eval_mode, paused
 from .io import load_tensors, save_tensors
 from .probes import ProbeSet
-from .training import eval_mode
 
 __all__ = ["DriftTracker", "TRACK_COLUMNS", "load_means"]
 

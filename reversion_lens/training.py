@@ -7,15 +7,19 @@ what an uninterrupted one would have.
 One step (:func:`train_step`): task loss, plus each intervention's ``extra_loss(model, step)``;
 backward; gradient clipping; ``optimizer.step()``; each intervention's ``after_step(model, optimizer)``.
 After the update of step ``s`` (1-based), the tracker runs if ``s`` is in ``track_steps``, then the
-callbacks if ``s`` is in ``callback_steps``, then a checkpoint is written if ``state_dir`` is set and
-``s`` was tracked, called back, a multiple of ``save_every`` or the last step. The tracker and the
-callbacks measure the fine-tuned weights: attached interventions are paused while they run.
+callbacks if ``s`` is in ``callback_steps``. The tracker and the callbacks measure the fine-tuned weights:
+attached interventions are paused while they run.
 
-With ``state_dir``, a checkpoint holds the model weights, the optimizer state, the RNG states, the
-interventions' state, the losses, the callback results and the tracker's records, written atomically
-(safetensors + JSON, in a temporary folder renamed into place, then ``latest.json``). Rerunning with the
-same arguments resumes from the last checkpoint and ends bit-identical to an uninterrupted run on the
-same machine and thread count; different arguments are refused (:class:`~reversion_lens.errors.ConfigError`).
+With ``state_dir``, the loop writes a resumable state: the model weights, the optimizer state, the RNG
+states, the interventions' state, the losses, the callback results and the tracker's records, written
+atomically (safetensors + JSON, in a temporary folder renamed into place, then ``latest.json``); only the
+latest is kept. When: every ``save_every`` steps, or with ``save_every="auto"`` (the default) whenever the
+time trained since the last save reaches 19 times what a save costs (measured on each save, estimated
+from the state's size before the first), so writing states costs at most ~5% of the run whatever the
+model's size. When the run completes the folder is deleted, unless ``keep_state=True`` (then the final
+state is kept and a rerun returns at once). Rerunning with the same arguments resumes from the last
+state and ends bit-identical to an uninterrupted run on the same machine and thread count; different
+arguments are refused (:class:`~reversion_lens.errors.ConfigError`).
 """
 
 import contextlib
@@ -25,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +42,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import ConfigError, NonFiniteError
-from .interventions import active_interventions, paused
+from .hooks import active_interventions, eval_mode, kept_modes, paused
 from .io import FileLock, environment, load_tensors, read_json, save_tensors, write_json
-from .sites import all_modules
 
 __all__ = [
     "Batch",
@@ -140,30 +144,6 @@ def tracking_steps(steps: int) -> tuple[int, ...]:
 
 
 
-@contextlib.contextmanager
-def _kept_modes(model: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
-    modules = all_modules(model)
-    modes = [m.training for m in modules]
-    try:
-        yield modules
-    finally:
-        for m, mode in zip(modules, modes):
-            object.__setattr__(m, "training", mode)  # what Module.train() sets, without its per-call overhead
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's own train/eval flag restored afterwards.
-
-    Flags are set on each distinct module directly: ``model.eval()`` on a TL4 bridge visits shared
-    submodules many times over (about 5x the module count) and misses nothing this does not.
-    """
-    with _kept_modes(model) as modules:
-        for m in modules:
-            object.__setattr__(m, "training", False)
-        yield
-
-
 def train_step(
     model: Any,
     optimizer: torch.optim.Optimizer,
@@ -262,8 +242,10 @@ def finetune(
     track_steps: Sequence[int] | None = None,
     seed: int | None = None,
     state_dir: str | os.PathLike | None = None,
-    save_every: int | None = None,
+    save_every: int | str | None = "auto",
+    keep_state: bool = False,
     run_info: Mapping[str, Any] | None = None,
+    on_step: Callable[[int], Any] | None = None,
 ) -> FinetuneResult:
     """Train ``model`` for ``steps`` steps on ``data``; returns the loss per step (a :class:`FinetuneResult`).
 
@@ -282,9 +264,13 @@ def finetune(
         tracker: a :class:`~reversion_lens.tracking.DriftTracker` (or any ``tracker(step, model)``).
         track_steps: steps to track at (default :func:`tracking_steps`).
         seed: seeds torch, ``random`` and numpy at the start of a fresh run (``None``: leave them).
-        state_dir: folder for checkpoints; a rerun with the same arguments resumes from it.
-        save_every: also checkpoint every this many steps.
+        state_dir: folder for the resumable state; a rerun with the same arguments resumes from it.
+        save_every: write the state every this many steps; ``"auto"`` (default): often enough to lose
+            little work, rarely enough to cost at most ~5% of the run (see the module docstring);
+            ``None``: never (only with ``keep_state``, at the end).
+        keep_state: keep the final state when the run completes (default: delete ``state_dir``).
         run_info: extra JSON identity (arm, seed labels, ...) recorded and checked on resume.
+        on_step: called as ``on_step(step)`` after each update (1-based), e.g. to report progress.
     """
     from tqdm.auto import tqdm
 
@@ -305,7 +291,10 @@ def finetune(
         "callback_steps": sorted(wanted_cb),
         "run_info": dict(run_info or {}),
     })
+    if not (save_every is None or save_every == "auto" or (isinstance(save_every, int) and save_every >= 1)):
+        raise ConfigError(f"save_every must be a positive number of steps, 'auto' or None, not {save_every!r}.")
     ckpt = _Checkpoints(Path(state_dir), config) if state_dir is not None else None
+    policy = _SavePolicy(save_every)
     losses: list[float] = []
     aux_losses: list[float] = []
     evals: list[dict[str, Any]] = []
@@ -313,7 +302,7 @@ def finetune(
     def measure(step: int) -> None:
         if step not in wanted_track and step not in wanted_cb:
             return
-        with paused(model), _kept_modes(model):
+        with paused(model), kept_modes(model):
             if step in wanted_track:
                 tracker(step, model)
             if step in wanted_cb:
@@ -348,16 +337,53 @@ def finetune(
             losses.append(loss)
             aux_losses.append(aux)
             done = step + 1
+            if on_step is not None:
+                on_step(done)
             measure(done)
-            due = done in wanted_track or done in wanted_cb or done == steps or (save_every and done % save_every == 0)
-            if ckpt is not None and due:
-                ckpt.save(done, model, opt, ivs, tracker, losses, aux_losses, evals)
+            if ckpt is not None and done < steps and policy.due(done, model, opt):
+                with policy.timed():
+                    ckpt.save(done, model, opt, ivs, tracker, losses, aux_losses, evals)
         bar.close()
+        if ckpt is not None and keep_state and step0 < steps:
+            ckpt.save(steps, model, opt, ivs, tracker, losses, aux_losses, evals)
+    if ckpt is not None and not keep_state:
+        shutil.rmtree(ckpt.root, ignore_errors=True)
     records = list(getattr(tracker, "records", [])) if tracker is not None else []
     return FinetuneResult(losses, aux_losses, evals, records, config, step0 if resumed is not None else None)
 
 
 # ---------------------------------------------------------------------- checkpoints
+class _SavePolicy:
+    """When to write the resumable state: every ``every`` steps, or ``"auto"`` (<= ~5% overhead)."""
+
+    RATIO = 19.0  # train this many times a save's cost between saves: saves take <= 1/(1+19) = 5% of the time
+    BYTES_PER_SECOND = 2e8  # first estimate of a save's speed (safetensors + SHA-256), before one is measured
+
+    def __init__(self, every: int | str | None):
+        self.every = every
+        self.cost: float | None = None  # seconds the last save took
+        self.since = time.perf_counter()
+
+    def due(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> bool:
+        if self.every is None:
+            return False
+        if self.every != "auto":
+            return step % int(self.every) == 0
+        if self.cost is None:  # weights + optimizer moments, before any save was timed
+            n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            n_bytes += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                           if isinstance(t, Tensor))  # fmt: skip
+            self.cost = 0.02 + n_bytes / self.BYTES_PER_SECOND
+        return time.perf_counter() - self.since >= self.RATIO * self.cost
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.since = time.perf_counter()
+        self.cost = self.since - t0
+
+
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)

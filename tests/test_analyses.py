@@ -20,14 +20,13 @@ def test_unlearning_script_measures_and_resumes(tmp_path):
     out = tmp_path / "unl"
     argv = ["--quick", "--seeds", "1", "--lrs", "3e-4", "--steps", "20", "--workers", "1", "--out", str(out)]
     assert unlearning.main(argv) == 0
-    rows = pd.read_csv(out / "rows.csv")
-    assert list(rows.columns) == list(unlearning.COLUMNS)
-    assert set(rows.data) == {"benign", "aligned-mix"} and sorted(set(rows.step)) == [0, 1, 5, 20]
+    rows = pd.read_csv(out / "lr0.0003" / "trajectories.csv")  # the runner's results folder, as every setting's
+    assert set(rows.arm) == {"none", "control:rehearsal"} and sorted(set(rows.step)) == [0, 1, 5, 20]
     assert rows[rows.step == 0].cos.isna().all() and rows[rows.step > 0].cos.between(-1, 1).all()
     start = rows[rows.step == 0]
-    assert (start.forget_rate < 0.05).all() and (start.retain_accuracy > 0.9).all()  # unlearned, rest kept
-    assert "| benign | 0.0003 |" in (out / "summary.md").read_text()
-    runs = sorted((out / "runs").glob("*.json"))
+    assert (start.harmful_rate < 0.05).all() and (start.task_accuracy > 0.9).all()  # unlearned, rest kept
+    assert "| other operations | 0.0003 |" in (out / "summary.md").read_text()
+    runs = sorted((out / "lr0.0003" / "runs").rglob("done.json"))
     stamps = [p.stat().st_mtime_ns for p in runs]
     assert len(runs) == 2 and unlearning.main(argv) == 0  # a rerun keeps finished runs
     assert [p.stat().st_mtime_ns for p in runs] == stamps

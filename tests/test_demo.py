@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from reversion_lens.experiments import ExperimentConfig, SerialExecutor, run_experiment
+from reversion_lens.pipeline import ExperimentConfig, SerialExecutor, run_experiment
 from reversion_lens.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ExperimentConfig(
-    preset="tiny", seeds=(0, 1), arms=("none", "grad:v_rev"), steps=100, track_steps=(1, 5, 20, 100),
-    eval_steps=(0, 100), n_probes=64,
+    params={"preset": "tiny", "n_probes": 64}, seeds=(0, 1), arms=("none", "grad:v_rev"), steps=100,
+    track_steps=(1, 5, 20, 100), eval_steps=(0, 100),
 )  # fmt: skip
 
 

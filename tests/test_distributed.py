@@ -10,7 +10,7 @@ import torch
 
 from reversion_lens.distributed import RayExecutor, TaskError, import_ray
 from reversion_lens.errors import ConfigError
-from reversion_lens.experiments import ExperimentConfig, SerialExecutor, run_experiment
+from reversion_lens.pipeline import ExperimentConfig, SerialExecutor, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_missing_ray_says_how_to_install(monkeypatch):
 
 def test_sweep_on_ray_matches_the_serial_sweep(ray_cluster, tmp_path):
     config = ExperimentConfig(
-        preset="tiny", toy={"pretrain_steps": 100, "n_eval": 64, "n_eval_benign": 64},  # checks equality, not reversion
-        seeds=(0,), arms=("none", "grad:v_rev"), steps=5, track_steps=(1, 5), eval_steps=(0, 5), n_probes=32,
+        params={"preset": "tiny", "pretrain_steps": 100, "n_eval": 64, "n_eval_benign": 64, "n_probes": 32},
+        seeds=(0,), arms=("none", "grad:v_rev"), steps=5, track_steps=(1, 5), eval_steps=(0, 5),  # equality, not reversion
         cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     serial = run_experiment(config, tmp_path / "serial", executor=SerialExecutor(), log=None)

@@ -74,8 +74,11 @@ def test_arm_colors_fixed_and_order_independent():
     a = figures.arm_colors(["grad:random", "none", "my-new-arm", "grad:v_rev"])
     b = figures.arm_colors(["my-new-arm", "grad:v_rev", "grad:random", "none"])
     assert a == b
-    assert a["none"] == figures.ARM_COLORS["none"] and a["grad:v_rev"] == figures.ARM_COLORS["grad:v_rev"]
-    assert len(set(figures.ARM_COLORS.values())) == len(figures.ARM_COLORS)  # known arms never share a colour
+    from reversion_lens.registry import MODES
+
+    assert a["none"] == figures.ARM_COLORS["none"] and a["grad:v_rev"] == MODES["grad"].meta["color"]  # the registry's
+    known = figures.arm_colors(["none", "control:rehearsal", "grad:random", *(f"{m}:v_rev" for m in ("grad", "clamp", "update"))])
+    assert len(set(known.values())) == len(known)  # the common arms never share a colour
     assert re.fullmatch(r"#[0-9A-Fa-f]{6}", a["my-new-arm"])
 
 

@@ -7,12 +7,12 @@ from conftest import make_native, random_seqs
 import reversion_lens as rl
 from reversion_lens.directions import Direction, mean_difference
 from reversion_lens.errors import ConfigError, DirectionError, ShapeError
+from reversion_lens.interventions.base import _orthonormal
+from reversion_lens.registry import MODES
 from reversion_lens.interventions import (
-    MODES,
     Ablate,
     Clamp,
     GradBlock,
-    _orthonormal,
     active_interventions,
     block,
     paused,
@@ -464,7 +464,7 @@ def test_notebook_handle_layers_and_errors():
     h.remove()
     h.remove()  # idempotent
     assert hook_count(model) == 0 and active_interventions(model) == []
-    with pytest.raises(ConfigError, match="unknown mode"):
+    with pytest.raises(ConfigError, match="unknown intervention mode"):
         block(model, v, mode="freeze")
     with pytest.raises(ConfigError, match="bad options"):
         block(model, v, mode="grad", reference=torch.zeros(3))
@@ -472,7 +472,8 @@ def test_notebook_handle_layers_and_errors():
         block(model, rand_direction(layers=[0, 1]), layers=[2])
     with pytest.raises(ShapeError, match="d_model"):
         block(model, Direction.from_vectors(torch.ones(L, D + 1)))
-    assert isinstance(block(model, v, "ablate"), Ablate) and set(MODES) == {"grad", "clamp", "ablate", "penalty", "update"}
+    assert isinstance(block(model, v, "ablate"), Ablate) and set(MODES.names()) == {
+        "grad", "clamp", "ablate", "penalty", "penalty-block", "penalty-push", "update"}
 
 
 def test_random_control_matches_shape_and_is_seeded():

@@ -56,12 +56,13 @@ from reversion_lens.errors import (
     SiteError,
     UnsafeLoadError,
 )
-from reversion_lens.experiments import ExperimentConfig, SerialExecutor, _check_or_write_config, run_experiment
+from reversion_lens.pipeline import ExperimentConfig, SerialExecutor, run_experiment
+from reversion_lens.pipeline.layout import record_config
 from reversion_lens.history import Checkpoint, History
 from reversion_lens.interventions import block
 from reversion_lens.io import FORMAT_VERSION, load_tensors, read_json, safe_torch_load, save_tensors, write_json
 from reversion_lens.models import load_native, save_native
-from reversion_lens.results import load_trajectories
+from reversion_lens.pipeline.results import load_trajectories
 from reversion_lens.tracking import DriftTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,8 +211,8 @@ def test_nonfinite_statistics_stop_naming_layer_and_batch_and_are_never_held(tmp
 
 
 SMALL_NAN = ExperimentConfig(
-    preset="tiny", seeds=(0,), arms=("none",), steps=6, track_steps=(1, 2, 5, 6), eval_steps=(0, 6), n_probes=64,
-    null_draws=2000, workers=1,
+    params={"preset": "tiny", "n_probes": 64}, seeds=(0,), arms=("none",), steps=6, track_steps=(1, 2, 5, 6),
+    eval_steps=(0, 6), null_draws=2000, workers=1,
 )  # fmt: skip
 
 
@@ -350,36 +351,37 @@ def test_files_from_a_newer_or_unknown_format(tmp_path):
     with pytest.raises(ResultsFormatError, match="does not hold a direction"):
         Direction.load(tmp_path / "x.safetensors")
     # results folders: runs without a config record, a config record that is not one, a truncated one
-    cfg = ExperimentConfig(preset="tiny", seeds=(0,))
+    cfg = ExperimentConfig(params={"preset": "tiny"}, seeds=(0,))
     orphan = tmp_path / "orphan"
     (orphan / "runs" / "seed0").mkdir(parents=True)
     with pytest.raises(ResultsFormatError, match="holds runs/ but no config.json.*new --out folder"):
-        _check_or_write_config(orphan, cfg)
+        record_config(orphan, cfg)
     odd = tmp_path / "odd"
     write_json(odd / "config.json", [1, 2])
     with pytest.raises(ResultsFormatError, match="not a reversion_lens config record"):
-        _check_or_write_config(odd, cfg)
+        record_config(odd, cfg)
     cut = tmp_path / "cut"
-    _check_or_write_config(cut, cfg)
+    record_config(cut, cfg)
     text = (cut / "config.json").read_text()
     (cut / "config.json").write_text(text[: len(text) // 2])
     with pytest.raises(ResultsFormatError, match="not valid JSON.*corrupted or truncated"):
-        _check_or_write_config(cut, cfg)
+        record_config(cut, cfg)
     with pytest.raises(ResultsFormatError, match="does not exist; run the experiment"):
         load_trajectories(tmp_path / "nothing")
 
 
 def test_config_files_with_unknown_fields_or_bad_values(tmp_path):
     cases = {
-        'seeds = [0]\n[toy]\nd_modle = 32\n': r"unknown toy field\(s\) \['d_modle'\]; valid fields are",
-        'preset = "huge"\n': "unknown preset 'huge'; use one of",
+        'seeds = [0]\n[toy]\nd_modle = 32\n': r"unknown \[toy\] field\(s\) \['d_modle'\]; valid fields are",
+        '[toy]\npreset = "huge"\n': "unknown preset 'huge'; use one of",
+        'preset = "tiny"\n': r"unknown config field\(s\) \['preset'\]",
         'steps = "100"\n': "wrong kind.*steps an integer",
         'seeds = 3\n': "'seeds' must be a list.*seeds = \\[0, 1\\]",
         'site = "resid"\n': "unknown site 'resid'",
         'arms = ["grad:vrev"]\n': "unknown arm 'grad:vrev'",
         'seeds = [0\n': "not valid TOML.*fix the syntax",
-        'setting = "hf"\n': "unknown setting 'hf'",
-        'preset = "tiny"\narms = ["grad:v_rev@2"]\n': r"blocks layer\(s\) \[2\], but the model has 2 layers \(0..1\)",
+        'setting = "toys"\n': "unknown setting 'toys'",
+        'arms = ["grad:v_rev@2"]\n[toy]\npreset = "tiny"\n': r"blocks layer\(s\) \[2\], but the model has 2 layers \(0..1\)",
     }
     for text, fragment in cases.items():
         path = tmp_path / "c.toml"
@@ -596,12 +598,12 @@ def _assert_same_results(out: Path, ref: Path) -> None:
 def reference(tmp_path_factory):
     """One uninterrupted run of the tiny configuration, in a fresh process."""
     from reversion_lens.toyworld import demo
-    from reversion_lens.toyworld.runner import load_history
+    from reversion_lens.pipeline import make_setting
 
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     # the cached tiny history of seed 0 (trained here, once, on a machine whose cache lacks it)
-    load_history(demo.config_from_args(parser.parse_args(CLI[1:])), 0)
+    make_setting(demo.config_from_args(parser.parse_args(CLI[1:]))).history(0)
     out = tmp_path_factory.mktemp("reference") / "out"
     _finish(_start(out))
     return out
@@ -616,7 +618,7 @@ def test_same_config_same_bytes_in_a_fresh_process_and_the_folder_records_itself
     rec = read_json(ref / "config.json")
     cfg = ExperimentConfig.from_dict(rec["config"])
     assert rec["format_version"] == FORMAT_VERSION and rec["config_hash"] == cfg.hash()
-    assert (cfg.preset, cfg.seeds, cfg.steps, cfg.arms) == ("tiny", (0,), 30, ("none", "grad:v_rev"))
+    assert (cfg.params["preset"], cfg.seeds, cfg.steps, cfg.arms) == ("tiny", (0,), 30, ("none", "grad:v_rev"))
     env = rec["environment"]
     assert env["versions"]["torch"] == torch.__version__ and env["versions"]["reversion_lens"] == rl.__version__
     assert all(env["versions"][k] for k in ("transformer-lens", "numpy", "pandas", "safetensors"))

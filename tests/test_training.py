@@ -79,7 +79,7 @@ def test_killed_and_resumed_equals_uninterrupted_bit_for_bit(setting, tmp_path):
         run(setting, state_dir=tmp_path, kill=7)
     latest = json.loads((tmp_path / "latest.json").read_text())
     assert latest["step"] == 6  # save_every=2: the last checkpoint before the kill at 7
-    model, result, tracker = run(setting, state_dir=tmp_path)
+    model, result, tracker = run(setting, state_dir=tmp_path, keep_state=True)
     assert result.resumed_from == 6
     assert list(result) == list(ref_result) and len(result) == 9
     assert result.aux_losses == ref_result.aux_losses
@@ -97,6 +97,7 @@ def test_killed_and_resumed_equals_uninterrupted_bit_for_bit(setting, tmp_path):
     # a finished run, rerun: nothing trains, the final state is loaded into the fresh model
     again_model, again, _ = run(setting, state_dir=tmp_path)
     assert again.resumed_from == 9 and list(again) == list(ref_result) and same_weights(again_model, ref_model)
+    assert not tmp_path.exists()  # without keep_state the finished run's state is deleted
 
 
 def test_resume_refuses_other_arguments(setting, tmp_path):

@@ -13,21 +13,22 @@ from pathlib import Path
 
 from .. import _STARTED
 from ..errors import ConfigError
-from ..experiments import ExperimentConfig, LocalExecutor, run_experiment
+from ..pipeline import ExperimentConfig, LocalExecutor, run_experiment
 
 __all__ = ["add_arguments", "run", "config_from_args", "main"]
 
-QUICK = {"preset": "tiny", "seeds": (0, 1), "n_probes": 64, "track_steps": (1, 5, 20, 50), "eval_steps": (0, 50), "steps": 50}
+QUICK = {"seeds": (0, 1), "track_steps": (1, 5, 20, 50), "eval_steps": (0, 50), "steps": 50}
+QUICK_TOY = {"preset": "tiny", "n_probes": 64}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("default", "paper", "tiny"), help="toy history size (default: default)")
     p.add_argument("--seeds", help="a count (5 = seeds 0..4) or a comma list of seed values (0,3,7)")
     p.add_argument("--steps", type=int, help="fine-tuning steps T (default 100)")
-    p.add_argument("--arms", help="comma list of arms (default: none,grad:v_rev,grad:random,clamp:v_rev,control:aligned-mix)")
+    p.add_argument("--arms", help="comma list of arms (default: none,grad:v_rev,grad:random,clamp:v_rev,control:rehearsal)")
     p.add_argument("--out", default="results/demo", help="results folder (default: results/demo)")
     p.add_argument("--quick", action="store_true", help="2 seeds, the tiny preset, 64 probes, 50 steps: a smoke run under a minute")
-    p.add_argument("--config", type=Path, help="TOML file with ExperimentConfig fields (command-line options override it)")
+    p.add_argument("--config", type=Path, help="TOML file with ExperimentConfig fields and a [toy] table (options override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.add_argument("--workers", type=int, help="parallel processes (default 2, one torch thread each)")
     p.add_argument("--cache-dir", help="where toy histories are cached (default ~/.cache/reversion_lens)")
@@ -48,10 +49,16 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     base = ExperimentConfig.from_toml(args.config).to_dict() if args.config else {}
+    if base.get("setting", "toy") != "toy":
+        raise ConfigError(f"{args.config} is a {base['setting']!r} config; `reversion-lens demo` runs the toy world. "
+                          f"Use `reversion-lens run {args.config}`.")  # fmt: skip
+    toy = dict(base.pop("toy", {}))
     if args.quick:
         base.update(QUICK)
+        toy.update(QUICK_TOY)
+    if args.preset:
+        toy["preset"] = args.preset
     over = {
-        "preset": args.preset,
         "seeds": _seeds(args.seeds) if args.seeds else None,
         "steps": args.steps,
         "arms": tuple(a.strip() for a in args.arms.split(",")) if args.arms else None,
@@ -66,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         base["eval_steps"] = tuple(sorted(set(evals) | {args.steps}))
         if args.steps not in base["track_steps"]:
             base["track_steps"] = (*base["track_steps"], args.steps)
-    return ExperimentConfig.from_dict(base)
+    return ExperimentConfig.from_dict({**base, "setting": "toy", "toy": toy})
 
 
 def run(args: argparse.Namespace) -> int:

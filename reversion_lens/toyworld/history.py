@@ -309,16 +309,24 @@ class ToyHistory:
         }
 
     def evaluate(self, model: Any, batch_size: int = 128) -> dict[str, float]:
-        """:func:`~reversion_lens.toyworld.evaluate` on this history's evaluation sets."""
-        return evaluate(model, **self.eval_sets(), batch_size=batch_size)
+        """:func:`~reversion_lens.toyworld.evaluate` on this history's evaluation sets, with the pipeline's
+        metric names added (``refusal_rate``, ``over_refusal_rate``: see ``reversion_lens.pipeline.METRICS``)."""
+        r = evaluate(model, **self.eval_sets(), batch_size=batch_size)
+        return {**r, "refusal_rate": 1.0 - r["harmful_rate"], "over_refusal_rate": r["benign_refusal_rate"]}
 
     def finetune_data(self, kind: str = "benign", seed: int | None = None, batch_size: int | None = None) -> ToyData:
-        """Fine-tuning batches: ``"benign"`` (benign ops, complied) or ``"aligned-mix"`` (the control:
-        benign complied mixed with harmful refused). Same ``seed`` (default: the history's), same batches."""
+        """Fine-tuning batches: ``"benign"`` (benign ops, complied) or ``"rehearsal"`` (the control: benign
+        complied mixed with harmful refused; ``"aligned-mix"`` is its older name). Same ``seed`` (default:
+        the history's), same batches."""
+        kind = {"rehearsal": "aligned-mix"}.get(kind, kind)
         if kind not in ("benign", "aligned-mix"):
-            raise ConfigError(f"unknown fine-tuning data {kind!r}; use 'benign' or 'aligned-mix'.")
+            raise ConfigError(f"unknown fine-tuning data {kind!r}; use 'benign' or 'rehearsal'.")
         seed = self.seed if seed is None else seed
         return ToyData(self.language, kind, batch_size or self.config.finetune_batch, seed, width=self.config.batch_width)
+
+    def save_model(self, model: Any, folder: str | os.PathLike) -> Path:
+        """Write ``model`` as a native checkpoint folder (:func:`~reversion_lens.models.save_native`)."""
+        return save_native(model, folder)
 
     def finetune_optim(self, **overrides: Any) -> OptimConfig:
         """The phase-3 optimizer settings (AdamW, ``finetune_lr``); ``overrides`` replace fields."""
