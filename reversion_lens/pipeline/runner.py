@@ -55,6 +55,7 @@ class Task:
     out: str
     arm: str | None = None
     num_gpus: float = 0.0  # asked of a Ray cluster per task (1 when the setting runs on CUDA)
+    reuse: tuple[str, ...] = ()  # other results folders whose seeds' history files may be shared
 
     @property
     def counts(self) -> bool:
@@ -67,9 +68,9 @@ class Task:
 
 def run_task(task: Task) -> Any:
     if task.kind == "seed":
-        return prepare_seed(task.config, task.seed, task.out)
+        return prepare_seed(task.config, task.seed, task.out, task.reuse)
     if task.kind == "run":
-        return run_arm(task.config, task.seed, task.arm, task.out)
+        return run_arm(task.config, task.seed, task.arm, task.out, task.reuse)
     raise ValueError(f"unknown task kind {task.kind!r}; use 'seed' or 'run'.")
 
 
@@ -86,12 +87,14 @@ def _link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _twin(out: Path, config: ExperimentConfig, seed: int, history_id: str) -> Path | None:
-    """A finished seed folder with the same history, whose history files this seed can share."""
-    for other in config.seeds:
-        path = seed_dir(out, other) / "seed.json"
-        if other != seed and path.exists() and read_json(path).get("history_id") == history_id:
-            return path.parent
+def _twin(out: Path, seed: int, history_id: str, reuse: tuple[str, ...]) -> Path | None:
+    """A finished seed folder (here or in a ``reuse`` folder) with the same history, whose files this seed can share."""
+    for root in (out, *map(Path, reuse)):
+        for path in sorted((root / "runs").glob("seed*/seed.json")):
+            if path.parent == seed_dir(out, seed):
+                continue
+            if read_json(path).get("history_id") == history_id:
+                return path.parent
     return None
 
 
@@ -107,8 +110,11 @@ def _evaluate(hist: SeedHistory, model: Any) -> tuple[dict[str, Any], list[dict[
     return ev, ev.pop("responses", None)
 
 
-def prepare_seed(config: ExperimentConfig, seed: int, out: str | os.PathLike) -> dict[str, Any]:
-    """Build (or load) the seed's history; write its statistics, v_rev, nulls, readout and evaluations."""
+def prepare_seed(config: ExperimentConfig, seed: int, out: str | os.PathLike, reuse: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Build (or load) the seed's history; write its statistics, v_rev, nulls, readout and evaluations.
+
+    A finished seed with the same ``history_id`` (in ``out`` or a ``reuse`` folder) shares its statistics
+    and readout (hard links), and its evaluations when its ``evaluation_id`` is the same too."""
     out = Path(out)
     folder = seed_dir(out, seed)
     done = folder / "seed.json"
@@ -120,18 +126,26 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: str | os.PathLike) ->
             return read_json(done)
         setting = make_setting(config)
         hid = setting.history_id(seed)
+        eid = setting.evaluation_id(seed) if hasattr(setting, "evaluation_id") else hid
         report(f"seed {seed}: history")
         hist = setting.history(seed)
         names = [c.name for c in hist.history]
         with FileLock(out / "runs" / f".history-{hid}.lock"):  # seeds sharing a history prepare it once
-            twin = _twin(out, config, seed, hid)
+            twin = _twin(out, seed, hid, reuse)
             if twin is not None:
-                for f in (*twin.glob("history/*.safetensors"), *twin.glob("responses/*.jsonl"), twin / "vocab.csv"):
+                for f in (*twin.glob("history/*.safetensors"), twin / "vocab.csv"):
                     if f.exists():
                         _link(f, folder / f.relative_to(twin))
-                evals = read_json(twin / "seed.json")["evals"]
+                twin_info = read_json(twin / "seed.json")
+                if twin_info.get("evaluation_id") == eid:
+                    for f in twin.glob("responses/*.jsonl"):
+                        _link(f, folder / f.relative_to(twin))
+                    evals = twin_info["evals"]
+                else:
+                    evals = _evaluate_history(hist, folder)
             else:
-                evals = _prepare_history(config, setting, hist, names, folder)
+                _history_stats(config, setting, hist, names, folder)
+                evals = _evaluate_history(hist, folder)
         stats = {n: ResidStats.load(folder / "history" / f"{n}.safetensors") for n in names}
         estimator = ESTIMATORS[config.direction]
         v = estimator.obj(stats["base"], stats["aligned"])
@@ -140,6 +154,7 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: str | os.PathLike) ->
         info = {
             "seed": seed,
             "history_id": hid,
+            "evaluation_id": eid,
             "checkpoints": names,
             "layers": list(v.layers),
             "d_model": v.d_model,
@@ -152,29 +167,32 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: str | os.PathLike) ->
         return info
 
 
-def _prepare_history(config: ExperimentConfig, setting: Any, hist: SeedHistory, names: list[str],
-                     folder: Path) -> dict[str, Any]:  # fmt: skip
-    """Statistics of every checkpoint, the readout and the base/aligned evaluations (files in ``folder``)."""
+def _history_stats(config: ExperimentConfig, setting: Any, hist: SeedHistory, names: list[str], folder: Path) -> None:
+    """Probe statistics of every checkpoint (second moments for the aligned one: the matched null), and the
+    vocabulary readout of v_rev through the aligned model."""
     probes = hist.probes()
-    per_prompt = bool(ESTIMATORS[config.direction].meta.get("per_prompt"))
+    estimator = ESTIMATORS[config.direction]
     batch = setting.probe_batch_size or len(probes)
     for name in names:
         report(f"seed statistics: {name}")
         st = hist.history.stats(probes, [name], site=config.site, second_moments=name == "aligned",
-                                keep_per_prompt=per_prompt, batch_size=batch)[name]  # fmt: skip
+                                keep_per_prompt=bool(estimator.meta.get("per_prompt")), batch_size=batch)[name]  # fmt: skip
         st.save(folder / "history" / f"{name}.safetensors")
+    if hist.tokenizer is not None:
+        stats = {n: ResidStats.load(folder / "history" / f"{n}.safetensors") for n in ("base", "aligned")}
+        readout = vocab_readout(estimator.obj(stats["base"], stats["aligned"]), hist.load("aligned"), k=8,
+                                tokenizer=hist.tokenizer)  # fmt: skip
+        write_csv(folder / "vocab.csv", readout.to_dict("records"), list(readout.columns))
+
+
+def _evaluate_history(hist: SeedHistory, folder: Path) -> dict[str, Any]:
+    """The evaluations of ``base`` and ``aligned`` (responses to ``folder/responses/<name>.jsonl``)."""
     evals = {}
     for name in ("base", "aligned"):
         report(f"seed evaluation: {name}")
         model = hist.load(name)
         evals[name], responses = _evaluate(hist, model)
         _write_responses(folder / "responses" / f"{name}.jsonl", responses)
-        if name == "aligned" and hist.tokenizer is not None:
-            base = ResidStats.load(folder / "history" / "base.safetensors")
-            aligned = ResidStats.load(folder / "history" / "aligned.safetensors")
-            v = ESTIMATORS[config.direction].obj(base, aligned)
-            readout = vocab_readout(v, model, k=8, tokenizer=hist.tokenizer)
-            write_csv(folder / "vocab.csv", readout.to_dict("records"), list(readout.columns))
         del model
     return evals
 
@@ -212,13 +230,14 @@ def build_interventions(arm: Arm, model: Any, v: Direction, stats: dict[str, Res
     return [block(model, direction, arm.mode, layers=arm.layers, **{n: providers[n]() for n in needs})]
 
 
-def run_arm(config: ExperimentConfig, seed: int, arm_name: str, out: str | os.PathLike) -> Path:
+def run_arm(config: ExperimentConfig, seed: int, arm_name: str, out: str | os.PathLike,
+            reuse: tuple[str, ...] = ()) -> Path:  # fmt: skip
     """Fine-tune the aligned model of ``seed`` in ``arm``, tracking drift and evaluating; resumable."""
     out = Path(out)
     folder = run_dir(out, seed, arm_name)
     if (folder / "done.json").exists():
         return folder
-    prepare_seed(config, seed, out)
+    prepare_seed(config, seed, out, reuse)
     folder.mkdir(parents=True, exist_ok=True)
     with lock_for(folder), torch_threads(config.threads_per_worker):
         if (folder / "done.json").exists():
@@ -315,6 +334,7 @@ def run_experiment(
     executor: Executor | None = None,
     progress: bool = True,
     log: Any = print,
+    reuse: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
     """Run (or resume) every seed x arm of ``config`` into ``out`` and aggregate. Returns ``out``.
 
@@ -324,6 +344,8 @@ def run_experiment(
         executor: where tasks run (default: :class:`LocalExecutor` with ``config.workers`` processes).
         progress: show progress (a bar on a terminal, a line per finished run elsewhere).
         log: where progress lines go (``None``: nowhere).
+        reuse: other results folders: a seed whose history another folder has prepared already (same
+            ``history_id``) links its statistics instead of recomputing them.
     """
     from .results import aggregate
 
@@ -339,9 +361,10 @@ def run_experiment(
     # seed. Workers take tasks in order, so a run starts only once its seed is ready or being prepared by
     # another worker, and the last seed to be prepared has its runs last: no worker waits on a seed's lock
     # while other work is queued. (Both kinds of task are idempotent and locked, so any order is correct.)
-    runs = [Task("run", config, s, str(out), a, gpus) for s in config.seeds for a in config.arms]
+    reuse = tuple(str(Path(r).resolve()) for r in reuse)
+    runs = [Task("run", config, s, str(out), a, gpus, reuse) for s in config.seeds for a in config.arms]
     todo = [t for t in runs if not (run_dir(out, t.seed, t.arm) / "done.json").exists()]
-    seeds = [Task("seed", config, s, str(out), None, gpus) for s in dict.fromkeys(t.seed for t in todo)]
+    seeds = [Task("seed", config, s, str(out), None, gpus, reuse) for s in dict.fromkeys(t.seed for t in todo)]
     seeds = [t for t in seeds if not (seed_dir(out, t.seed) / "seed.json").exists()]
     say(f"[1/2] {len(config.seeds)} seeds x {len(config.arms)} arms -> {out}: {len(todo)} of {len(runs)} runs to do "
         f"({len(runs) - len(todo)} already complete)")  # fmt: skip
