@@ -129,7 +129,7 @@ def standardized_mean_difference(pos: Any, neg: Any) -> float:
     p, n = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
     if p.size + n.size < 3:
         raise ShapeError("a standardized mean difference needs at least 3 scores in all.")
-    pooled = ((p.size - 1) * p.var(ddof=1 if p.size > 1 else 0) + (n.size - 1) * n.var(ddof=1 if n.size > 1 else 0))
+    pooled = (p.size - 1) * p.var(ddof=1 if p.size > 1 else 0) + (n.size - 1) * n.var(ddof=1 if n.size > 1 else 0)
     sd = (pooled / (p.size + n.size - 2)) ** 0.5
     diff = float(p.mean() - n.mean())
     return diff / sd if sd > 0 else (np.inf * np.sign(diff) if diff else 0.0)
@@ -146,9 +146,13 @@ def _split(n: int, holdout: float, g: torch.Generator, need: int) -> tuple[list[
     return sorted(perm[n_test:]), sorted(perm[:n_test])
 
 
-def _subset(stats: ResidStats, index: list[int]) -> ResidStats:
-    pp = stats.per_prompt[index]  # type: ignore[index]
-    return ResidStats(pp.double().sum(0), len(index), stats.layers, stats.site, per_prompt=pp, meta=dict(stats.meta))
+def _subset(stats: ResidStats, index: list[int] | None = None, layers: Sequence[int] | None = None) -> ResidStats:
+    """The statistics of some prompts (``index``) at some of the layers (``layers``), from per-prompt vectors."""
+    pp = stats.per_prompt if index is None else stats.per_prompt[index]  # type: ignore[index]
+    if layers is not None:
+        pp = pp[:, [stats.layer_index(layer) for layer in layers]]
+    kept = stats.layers if layers is None else tuple(layers)
+    return ResidStats(pp.double().sum(0), pp.shape[0], kept, stats.site, per_prompt=pp, meta=dict(stats.meta))
 
 
 def rank_layers(
@@ -160,14 +164,16 @@ def rank_layers(
     seed: int = 0,
     by: str = "auroc",
     same_probes: bool = False,
+    layers: Sequence[int] | None = None,
     **options: Any,
 ) -> Any:
     """Rank layers by how well the projection onto a direction fitted on part of the prompts separates the rest.
 
     Per set, ``holdout`` of the prompts (a seeded split; the same split for both sets when ``same_probes``,
-    keeping pairs together) are held out; the direction is fitted on the others with ``method``; the
-    held-out prompts' projections onto each layer's vector are scored by AUROC (positive above negative)
-    and by the standardized mean difference. ``holdout=0`` scores in-sample.
+    keeping pairs together) are held out; the direction is fitted on the others with ``method`` (any
+    estimator, ``**options`` passed to it); the held-out prompts' projections onto each layer's vector are
+    scored by AUROC (positive above negative) and by the standardized mean difference. ``holdout=0``
+    scores in-sample. ``layers``: a subset of the statistics' layers (``None``: all).
 
     Returns:
         A DataFrame, best layer first: ``rank, layer, auroc, smd, train_auroc, train_smd, n_fit, n_test,
@@ -181,6 +187,8 @@ def rank_layers(
         raise ConfigError(f"holdout must be in [0, 1), got {holdout}.")
     if positive.per_prompt is None or negative.per_prompt is None:
         raise ShapeError("rank_layers needs per-prompt vectors: residual_stats(..., keep_per_prompt=True).")
+    if layers is not None:
+        positive, negative = _subset(positive, layers=layers), _subset(negative, layers=layers)
     fit = _estimator(method)
     name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     need = 2 if name in ("principal_component", "uncentred_pca") else 1
@@ -201,7 +209,9 @@ def rank_layers(
         })  # fmt: skip
     table = pd.DataFrame(rows)
     other = "smd" if by == "auroc" else "auroc"
-    table = table.sort_values([by, other, "layer"], ascending=[False, False, True], kind="stable").reset_index(drop=True)
+    table = table.sort_values([by, other, "layer"], ascending=[False, False, True], kind="stable").reset_index(
+        drop=True
+    )
     table.insert(0, "rank", range(1, len(table) + 1))
     return table
 

@@ -64,9 +64,10 @@ def _unit_rows(x: Tensor, what: str, layers: Sequence[int]) -> tuple[Tensor, Ten
     zero = (norms < _EPS).nonzero().flatten().tolist()
     if zero:
         raise DirectionError(
-            f"{what} has zero norm at layer(s) {[layers[i] for i in zero]}: the two model states give identical "
-            "activations there, so no direction is defined. Check that the checkpoints differ (e.g. base and "
-            "aligned are not the same weights), or drop those layers with layers=[...]."
+            f"{what} has zero norm at layer(s) {[layers[i] for i in zero]}: the two statistics are identical "
+            "there, so no direction is defined. Check that the checkpoints differ (e.g. base and aligned are not "
+            "the same weights); for two prompt sets read at the last token, early layers see only that token, "
+            "which a chat template makes the same for every prompt. Drop those layers with layers=[...]."
         )
     return (x / norms[:, None]).float(), norms.float()
 
@@ -230,8 +231,9 @@ def _paired_differences(first: ResidStats, second: ResidStats, what: str) -> Flo
         raise ShapeError(f"{what} needs per-prompt vectors: residual_stats(..., keep_per_prompt=True).")
     if first.per_prompt.shape[0] != second.per_prompt.shape[0]:
         raise ShapeError(
-            f"{what} pairs prompt i of one set with prompt i of the other, but the sets have {first.per_prompt.shape[0]} "
-            f"and {second.per_prompt.shape[0]} prompts; give paired sets of equal size, or use mean_difference/logistic."
+            f"{what} pairs prompt i of one set with prompt i of the other, but the sets have "
+            f"{first.per_prompt.shape[0]} and {second.per_prompt.shape[0]} prompts; give paired sets of equal size, "
+            "or use mean_difference/logistic."
         )
     disp = (first.per_prompt - second.per_prompt).double().transpose(0, 1)  # [layer, prompt, d]
     if disp.shape[1] < 2:

@@ -185,7 +185,9 @@ def orthogonalize(model: Any, vector: Tensor | Direction, *, tied: str = "untie"
         the new unembedding parameter when untying.
     """
     if tied not in ("untie", "keep"):
-        raise ConfigError(f"tied={tied!r}; use 'untie' (the unembedding keeps its own copy) or 'keep' (shared, edited).")
+        raise ConfigError(
+            f"tied={tied!r}; use 'untie' (the unembedding keeps its own copy) or 'keep' (shared, edited)."
+        )
     r = unit_vector(vector, model)
     writers = residual_writers(model)
     if tied == "untie":

@@ -29,10 +29,10 @@ gradient) only changes the MLP branch, so interventions use :func:`residual_writ
 write to the trunk is covered by ``resid_pre`` + ``attn_out`` + ``resid_post`` (TL4_GUIDE section 3).
 
 The layer-norm sites (:data:`NORM_SITES`, steering-vectors' ``input_layernorm`` /
-``post_attention_layernorm`` layer types) exist on every TL4 bridge with normalisation (GPT-2, GPT-NeoX,
-Llama and native models checked on TransformerLens 4.3.0). They are *branch* sites: reading them is
-exact, but writing to one changes only what that norm's branch (attention, MLP or unembedding) reads,
-never the residual trunk (:data:`BRANCH_SITES`). ``ln_final_*`` belong to the last layer:
+``post_attention_layernorm`` layer types) exist on every TL4 bridge (GPT-2, GPT-NeoX, Llama and native
+models checked on TransformerLens 4.3.0; a native model with ``normalization_type=None`` has them as
+identities). They are *branch* sites: reading them is exact, but writing to one changes only what that
+norm's branch (attention, MLP or unembedding) reads, never the residual trunk (:data:`BRANCH_SITES`). ``ln_final_*`` belong to the last layer:
 ``hook_name(model, "ln_final_out", -1)``; any other layer is a :class:`SiteError`.
 """
 
@@ -166,9 +166,9 @@ def _norm_hook_name(model: object, site: str, layer: int) -> str:
     name = _NORM_HOOKS[site].format(layer=layer)
     if name not in model.hook_dict:  # type: ignore[attr-defined]
         raise SiteError(
-            f"{type(model).__name__} has no site {site!r} (no hook {name!r}): layer-norm sites need a TransformerLens 4 "
-            "bridge of a model with normalisation (the legacy HookedTransformer and normalization_type=None have none)."
-            " Use a residual site (resid_pre, resid_post, attn_out, mlp_out)."
+            f"{type(model).__name__} has no site {site!r} (no hook {name!r}): layer-norm sites need a TransformerLens "
+            "4 bridge (the legacy HookedTransformer has none). Use a residual site (resid_pre, resid_post, attn_out, "
+            "mlp_out)."
         )
     return name
 

@@ -20,7 +20,9 @@ Positions (``positions=``), for activations ``[batch, pos, d_model]`` of one for
 * ``None`` or ``"all"``: every position (also every new token while generating);
 * ``"last"``: position ``-1`` of each forward pass, which is each prompt's last token for unpadded or
   left-padded batches and the new token in incremental decoding. For right-padded batches pass a mask
-  (:func:`last_token_mask`);
+  (:func:`last_token_mask`). A decoder that recomputes the whole sequence at every step
+  (:func:`reversion_lens.generation.greedy_generate`) then steers only the newest token of each step,
+  where a cached decoder keeps the earlier steered states: use ``"all"`` for the same result in both;
 * an ``int`` (one position, negative from the end), a ``slice`` or a list of ints (steering-vectors'
   ``token_indices``);
 * a mask tensor, boolean or 0/1, ``[pos]`` or ``[batch, pos]`` (1 = steer that token); its shape must
@@ -39,7 +41,15 @@ from .directions import Direction
 from .errors import ConfigError, DirectionError, ShapeError, SiteError
 from .sites import BRANCH_SITES, check_layers, hook_name, is_bridge
 
-__all__ = ["HookSet", "steer", "ablate_everywhere", "last_token_mask", "steering_delta", "unit_vector", "EVERYWHERE_SITES"]
+__all__ = [
+    "HookSet",
+    "steer",
+    "ablate_everywhere",
+    "last_token_mask",
+    "steering_delta",
+    "unit_vector",
+    "EVERYWHERE_SITES",
+]
 
 #: refusal_direction's ablation sites: block input, attention output and MLP output of every layer.
 EVERYWHERE_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
@@ -172,14 +182,17 @@ def _position_selector(positions: Any) -> Callable[[Tensor], Tensor | None]:
             if m.shape[1] != x.shape[1] or m.shape[0] not in (1, x.shape[0]):
                 raise ShapeError(
                     f"the positions mask has shape {tuple(mask.shape)} but this forward pass has [batch, pos] = "
-                    f"{list(x.shape[:2])}; build the mask for these tokens (masks fit one forward pass, not generation)."
+                    f"{list(x.shape[:2])}; build the mask for these tokens (a mask fits one forward pass, not a "
+                    "generation loop)."
                 )
             return m[..., None]
 
         return from_mask
     if isinstance(positions, (slice, numbers.Integral)) and not isinstance(positions, bool):
         index: Any = positions
-    elif isinstance(positions, Sequence) and all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in positions):
+    elif isinstance(positions, Sequence) and all(
+        isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in positions
+    ):
         index = list(positions)
     else:
         raise ConfigError(
@@ -204,13 +217,19 @@ def _per_layer(coeff: Any, layers: tuple[int, ...]) -> list[float]:
     if isinstance(coeff, Mapping):
         missing = [layer for layer in layers if layer not in coeff]
         if missing:
-            raise ConfigError(f"coeff gives no value for layer(s) {missing}; give one per steered layer {list(layers)}.")
+            raise ConfigError(
+                f"coeff gives no value for layer(s) {missing}; give one per steered layer {list(layers)}."
+            )
         return [float(coeff[layer]) for layer in layers]
-    if (isinstance(coeff, numbers.Real) and not isinstance(coeff, bool)) or (isinstance(coeff, Tensor) and coeff.ndim == 0):
+    if (isinstance(coeff, numbers.Real) and not isinstance(coeff, bool)) or (
+        isinstance(coeff, Tensor) and coeff.ndim == 0
+    ):
         return [float(coeff)] * len(layers)
     t = torch.as_tensor(coeff, dtype=torch.float64).flatten()
     if t.numel() != len(layers):
-        raise ConfigError(f"{t.numel()} coefficients for {len(layers)} steered layers {list(layers)}; give one per layer.")
+        raise ConfigError(
+            f"{t.numel()} coefficients for {len(layers)} steered layers {list(layers)}; give one per layer."
+        )
     return [float(c) for c in t]
 
 
@@ -259,7 +278,9 @@ def steer(
             "Direction.from_vectors(vectors, layers, site=...) (one row per layer)."
         )
     if scale not in ("unit", "norm"):
-        raise ConfigError(f"scale={scale!r}; use 'unit' (coeff times the unit vector) or 'norm' (times direction.norms).")
+        raise ConfigError(
+            f"scale={scale!r}; use 'unit' (coeff times the unit vector) or 'norm' (times direction.norms)."
+        )
     direction.check_model(model)
     chosen = direction.layers if layers is None else check_layers(model, layers)
     sel = direction.select(list(chosen))
@@ -283,7 +304,9 @@ def _steering_hook(v: Tensor, coeff: float, ablate: bool, select: Callable[[Tens
 
     def steer_hook(x: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
         if x.ndim != 3:
-            raise ShapeError(f"steering expects activations [batch, pos, d_model] at {hook.name}, got {tuple(x.shape)}.")
+            raise ShapeError(
+                f"steering expects activations [batch, pos, d_model] at {hook.name}, got {tuple(x.shape)}."
+            )
         delta = steering_delta(x, vc.like(x), coeff, ablate)
         mask = select(x)
         return x + delta if mask is None else x + mask * delta
@@ -291,9 +314,7 @@ def _steering_hook(v: Tensor, coeff: float, ablate: bool, select: Callable[[Tens
     return steer_hook
 
 
-def ablate_everywhere(
-    model: Any, vector: Tensor | Direction, *, layers: Sequence[int] | int | None = None
-) -> HookSet:
+def ablate_everywhere(model: Any, vector: Tensor | Direction, *, layers: Sequence[int] | int | None = None) -> HookSet:
     """Project one vector out at every layer's ``resid_pre``, ``attn_out`` and ``mlp_out`` (refusal_direction).
 
     The same semantics as andyrdt/refusal_direction's ``get_all_direction_ablation_hooks``: a forward

@@ -18,7 +18,7 @@ from reversion_lens.contrastive import (
     standardized_mean_difference,
 )
 from reversion_lens.directions import ESTIMATORS, Direction, mean_difference
-from reversion_lens.errors import ConfigError, ShapeError
+from reversion_lens.errors import ConfigError, DirectionError, ShapeError
 
 
 def _sets():
@@ -36,7 +36,7 @@ def test_contrastive_direction_on_one_checkpoint(tiny_model):
         for i in range(len(probes)):
             toks = probes.tokens[i][probes.attention_mask[i].bool()][None]
             _, cache = tiny_model.run_with_cache(toks)
-            rows.append(torch.stack([cache[f"blocks.{l}.hook_resid_pre"][0, -1] for l in (1, 2)]))
+            rows.append(torch.stack([cache[f"blocks.{layer}.hook_resid_pre"][0, -1] for layer in (1, 2)]))
         means.append(torch.stack(rows).double().mean(0))
     diff = means[0] - means[1]
     torch.testing.assert_close(v.vectors.double(), diff / diff.norm(dim=1, keepdim=True), atol=1e-5, rtol=0)
@@ -56,8 +56,8 @@ def test_contrastive_stats_keep_prompts(tiny_model):
     a, b = contrastive_stats(tiny_model, pos, neg, layers=[0])
     assert a.per_prompt.shape == (6, 1, 32) and b.meta["contrast"] == "negative"
     assert a.meta["probes"]["hash"] == pos.hash() and b.meta["probes"]["hash"] == neg.hash()
-    torch.testing.assert_close(mean_difference(a, b, same_probes=False).vectors,
-                               contrastive_direction(tiny_model, pos, neg, layers=[0]).vectors, atol=0, rtol=0)  # fmt: skip
+    direct = contrastive_direction(tiny_model, pos, neg, layers=[0])
+    torch.testing.assert_close(mean_difference(a, b, same_probes=False).vectors, direct.vectors, atol=0, rtol=0)
 
 
 def test_auroc_and_smd_by_hand():
@@ -97,6 +97,14 @@ def test_rank_layers_held_out():
     assert (in_sample.auroc == in_sample.train_auroc).all() and (in_sample.n_test == 80).all()
     with pytest.raises(ConfigError, match="holdout"):
         rank_layers(pos, neg, holdout=1.0)
+    # a layer where both sets read the same vector (a chat template's last token at layer 0) has no direction
+    same = [rl.ResidStats(s.sum, s.count, s.layers, s.site, per_prompt=s.per_prompt.clone()) for s in (pos, neg)]
+    for s in same:
+        s.per_prompt[:, 0] = 1.0
+        s.sum[0] = float(s.count)
+    with pytest.raises(DirectionError, match=r"zero norm at layer\(s\) \[0\].*layers=\[\.\.\.\]"):
+        rank_layers(*same)
+    assert rank_layers(*same, layers=[1, 2]).layer.tolist() == [2, 1]
 
 
 def test_rank_layers_by_score():

@@ -169,4 +169,6 @@ def test_errors():
         orthogonalize(model, torch.zeros(32))
     labels = [w.label for w in residual_writers(model)]
     assert labels[:2] == ["embed.weight", "pos_embed.weight"] and "blocks.2.mlp.out.bias" in labels
-    assert "pos_embed.weight" not in [w.label for w in residual_writers(make_native(positional_embedding_type="rotary"))]
+    assert "pos_embed.weight" not in [
+        w.label for w in residual_writers(make_native(positional_embedding_type="rotary"))
+    ]

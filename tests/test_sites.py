@@ -73,7 +73,7 @@ def test_norm_sites_read_what_they_say(arch, bridges):
     seqs = random_seqs(5, vocab=int(model.cfg.d_vocab), lo=4, seed=2)
     probes = rl.ProbeSet.from_tokens(seqs, padding_side="left")
     L = int(model.cfg.n_layers)
-    cache = _cache(model, probes.tokens[:1, -len(seqs[0]):])
+    cache = _cache(model, probes.tokens[:1, -len(seqs[0]) :])
     parallel = arch == "neox"
     for layer in range(L):
         pre = cache[f"blocks.{layer}.hook_resid_pre"]

@@ -14,7 +14,10 @@ from reversion_lens.steering import EVERYWHERE_SITES, ablate_everywhere, last_to
 def hf_dirs(tmp_path_factory):
     """Random GPT-2, GPT-NeoX and Llama folders with perturbed weights (norm weights far from 1)."""
     root = tmp_path_factory.mktemp("steer_hf")
-    return {arch: perturbed_copy(save_tiny(arch, root / f"{arch}0"), root / arch, scale=0.5) for arch in ("gpt2", "neox", "llama")}
+    return {
+        arch: perturbed_copy(save_tiny(arch, root / f"{arch}0"), root / arch, scale=0.5)
+        for arch in ("gpt2", "neox", "llama")
+    }
 
 
 def _bridge(folder):
@@ -136,8 +139,12 @@ def _hf_blocks(hf):
         return [(b, b.attn, b.mlp, b.ln_1, b.ln_2) for b in hf.transformer.h], hf.transformer.ln_f
     if kind == "gpt_neox":
         blocks = hf.gpt_neox.layers
-        return [(b, b.attention, b.mlp, b.input_layernorm, b.post_attention_layernorm) for b in blocks], hf.gpt_neox.final_layer_norm
-    return [(b, b.self_attn, b.mlp, b.input_layernorm, b.post_attention_layernorm) for b in hf.model.layers], hf.model.norm
+        return [
+            (b, b.attention, b.mlp, b.input_layernorm, b.post_attention_layernorm) for b in blocks
+        ], hf.gpt_neox.final_layer_norm
+    return [
+        (b, b.self_attn, b.mlp, b.input_layernorm, b.post_attention_layernorm) for b in hf.model.layers
+    ], hf.model.norm
 
 
 def _edit_output(fn):
@@ -186,8 +193,14 @@ HF_SITES = {
 
 @pytest.mark.parametrize(
     "arch,site",
-    [("llama", s) for s in HF_SITES] + [("llama", "ln_final_out"), ("gpt2", "ln1_out"), ("gpt2", "ln2_in"),
-                                         ("neox", "ln2_out"), ("neox", "resid_post")],  # fmt: skip
+    [("llama", s) for s in HF_SITES]
+    + [
+        ("llama", "ln_final_out"),
+        ("gpt2", "ln1_out"),
+        ("gpt2", "ln2_in"),
+        ("neox", "ln2_out"),
+        ("neox", "resid_post"),
+    ],  # fmt: skip
 )
 def test_steer_equals_a_hugging_face_module_hook(arch, site, hf_dirs):
     """Steering at a site equals adding c v at the matching Hugging Face module (steering-vectors' semantics)."""
@@ -198,7 +211,9 @@ def test_steer_equals_a_hugging_face_module_hook(arch, site, hf_dirs):
     v = random_direction(int(bridge.cfg.d_model), [layer], seed=7, site=site)
     c = 3.0
     blocks, final_norm = _hf_blocks(hf)
-    module, kind = (final_norm, "out") if site == "ln_final_out" else (blocks[layer][HF_SITES[site][0]], HF_SITES[site][1])
+    module, kind = (
+        (final_norm, "out") if site == "ln_final_out" else (blocks[layer][HF_SITES[site][0]], HF_SITES[site][1])
+    )
     expect = _with_hf_hooks(hf, toks, [(module, kind, lambda x: x + c * v[layer].to(x.dtype))])
     with torch.no_grad():
         plain = bridge(toks)
@@ -240,7 +255,11 @@ def test_ablate_everywhere_leaves_no_component(kind, hf_dirs):
     model = _model(kind, hf_dirs)
     r = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(1))
     u = r / r.norm()
-    names = [f"blocks.{layer}.hook_{s}" for layer in range(int(model.cfg.n_layers)) for s in (*EVERYWHERE_SITES, "resid_post")]
+    names = [
+        f"blocks.{layer}.hook_{s}"
+        for layer in range(int(model.cfg.n_layers))
+        for s in (*EVERYWHERE_SITES, "resid_post")
+    ]
     with torch.no_grad():
         _, before = model.run_with_cache(_tokens(model), names_filter=names)
         with ablate_everywhere(model, Direction.from_vectors(r, [0])):
