@@ -321,11 +321,18 @@ def fit_logistic(
         return torch.nn.functional.softplus(-s * (z @ theta)).mean() + 0.5 * (pen * theta**2).sum()
 
     theta = torch.zeros(r + 1, dtype=torch.float64)
-    for _ in range(max_iter):
+    for it in range(max_iter + 1):
         m = z @ theta
         p = torch.sigmoid(-s * m)  # = 1 - P(correct label)
         grad = z.T @ (-s * p) / n + pen * theta
         if grad.abs().max() < tol:
+            break
+        if it == max_iter:
+            if grad.abs().max() > 1e-6:
+                raise DirectionError(
+                    f"logistic regression did not converge in {max_iter} Newton steps (gradient "
+                    f"{float(grad.abs().max()):.1e}); raise l2 (now {l2}) or max_iter."
+                )
             break
         weight = p * (1 - p)
         hess = (z.T * weight) @ z / n + torch.diag(pen)

@@ -158,3 +158,12 @@ def test_registry_and_contrasting_probe_sets():
     no_prompts = rl.ResidStats(first.sum, first.count, first.layers, first.site)
     with pytest.raises(ShapeError, match="keep_per_prompt=True"):
         logistic(no_prompts, second, same_probes=False)
+
+
+def test_fit_logistic_reports_non_convergence():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    y = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    with pytest.raises(DirectionError, match="did not converge in 1 Newton steps"):
+        fit_logistic(x, y, l2=1e-6, max_iter=1)
+    w, b = fit_logistic(x, y, l2=1e-6)  # separable: a steep but finite optimum
+    assert float(w[0]) > 5 and -b / float(w[0]) == pytest.approx(1.5, abs=1e-6)
