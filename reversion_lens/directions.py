@@ -5,9 +5,20 @@ the later (aligned) checkpoint back toward the earlier (base) one::
 
     v_rev[l] = normalize(mean_base[l] - mean_aligned[l])
 
-:func:`mean_difference` is that default; :func:`principal_component` (the top principal component of
-per-prompt displacements, sign-aligned with the mean difference), :func:`chain` (through intermediate
-checkpoints) and :func:`random_direction` (seeded controls) are the alternatives.
+Every estimator takes two statistics ``(first, second)`` at the same site and layers and returns a
+:class:`Direction` pointing from ``second`` toward ``first``: base vs aligned checkpoints on one probe set
+(the reversion direction), or, with ``same_probes=False``, two probe sets on one checkpoint (harmful vs
+harmless prompts, :func:`reversion_lens.contrastive.contrastive_direction`). :data:`ESTIMATORS` lists them:
+
+* :func:`mean_difference` (the default): ``normalize(mean_first - mean_second)``;
+* :func:`principal_component`: top principal component of the *centred* paired differences;
+* :func:`uncentred_pca`: top right-singular vector of the *uncentred* paired differences (steering-vectors'
+  ``pca_aggregator``; repeng's ``pca_diff`` up to sign);
+* :func:`logistic`: the normal of an L2-regularised logistic-regression hyperplane separating the two sets.
+
+Paired estimators (the two PCAs) pair prompt ``i`` of ``first`` with prompt ``i`` of ``second``.
+:func:`chain` (through intermediate checkpoints) and :func:`random_direction` (seeded controls) complete
+the set.
 """
 
 import dataclasses
@@ -31,6 +42,10 @@ __all__ = [
     "principal_component",
     "chain",
     "random_direction",
+    "uncentred_pca",
+    "logistic",
+    "fit_logistic",
+    "ESTIMATORS",
     "vocab_readout",
 ]
 
@@ -49,9 +64,10 @@ def _unit_rows(x: Tensor, what: str, layers: Sequence[int]) -> tuple[Tensor, Ten
     zero = (norms < _EPS).nonzero().flatten().tolist()
     if zero:
         raise DirectionError(
-            f"{what} has zero norm at layer(s) {[layers[i] for i in zero]}: the two model states give identical "
-            "activations there, so no direction is defined. Check that the checkpoints differ (e.g. base and "
-            "aligned are not the same weights), or drop those layers with layers=[...]."
+            f"{what} has zero norm at layer(s) {[layers[i] for i in zero]}: the two statistics are identical "
+            "there, so no direction is defined. Check that the checkpoints differ (e.g. base and aligned are not "
+            "the same weights); for two prompt sets read at the last token, early layers see only that token, "
+            "which a chat template makes the same for every prompt. Drop those layers with layers=[...]."
         )
     return (x / norms[:, None]).float(), norms.float()
 
@@ -173,55 +189,187 @@ class Direction:
 
 
 # ------------------------------------------------------------------ constructors
-def _check_pair(a: ResidStats, b: ResidStats) -> None:
+def _check_pair(a: ResidStats, b: ResidStats, same_probes: bool = True) -> None:
     if a.layers != b.layers or a.site != b.site or a.d_model != b.d_model:
         raise ShapeError(
             f"statistics do not match: layers {a.layers} vs {b.layers}, site {a.site} vs {b.site}, "
             f"d_model {a.d_model} vs {b.d_model}. Compute both with the same site and layers."
         )
     pa, pb = a.meta.get("probes", {}).get("hash"), b.meta.get("probes", {}).get("hash")
-    if pa and pb and pa != pb:
-        raise ShapeError(f"statistics come from different probe sets ({pa} vs {pb}); use the same probes for both.")
+    if same_probes and pa and pb and pa != pb:
+        raise ShapeError(
+            f"statistics come from different probe sets ({pa} vs {pb}); use the same probes for both, or pass "
+            "same_probes=False for two contrasting sets on one checkpoint (reversion_lens.contrastive)."
+        )
 
 
-def _provenance(method: str, *stats: ResidStats, **extra: Any) -> dict[str, Any]:
-    return {
-        "method": method,
-        "checkpoints": [s.meta.get("checkpoint") for s in stats],
-        "probes": stats[0].meta.get("probes", {}).get("hash"),
-        **extra,
-    }
+def _provenance(method: str, *stats: ResidStats, same_probes: bool = True, **extra: Any) -> dict[str, Any]:
+    if same_probes:
+        probes: Any = stats[0].meta.get("probes", {}).get("hash")
+    else:  # two contrasting probe sets: record both
+        probes = [s.meta.get("probes", {}) for s in stats]
+    return {"method": method, "checkpoints": [s.meta.get("checkpoint") for s in stats], "probes": probes, **extra}
 
 
-def mean_difference(base: ResidStats, aligned: ResidStats) -> Direction:
-    """The default v_rev: ``normalize(mean_base - mean_aligned)`` per layer; norms are the raw distances."""
-    _check_pair(base, aligned)
-    unit, norms = _unit_rows(base.mean - aligned.mean, "mean_base - mean_aligned", base.layers)
-    return Direction(unit, norms, base.layers, base.site, _provenance("mean_difference", base, aligned))
+def mean_difference(first: ResidStats, second: ResidStats, *, same_probes: bool = True) -> Direction:
+    """The default v_rev: ``normalize(mean_first - mean_second)`` per layer; norms are the raw distances.
 
-
-def principal_component(base: ResidStats, aligned: ResidStats) -> Direction:
-    """Top principal component of the per-prompt displacements ``x_base[i] - x_aligned[i]``.
-
-    Both statistics need ``keep_per_prompt=True`` on the same probe set (paired prompts). The sign is
-    chosen so that the component points along the mean difference. The PC is of the *uncentred*
-    displacements' covariance around their mean; ``norms`` hold the mean-difference norms.
+    Args:
+        first: e.g. the base checkpoint's statistics (or the harmful prompts').
+        second: e.g. the aligned checkpoint's (or the harmless prompts'), at the same site and layers.
+        same_probes: require both to come from one probe set (the history case); ``False`` for two
+            contrasting probe sets on one checkpoint.
     """
-    _check_pair(base, aligned)
-    if base.per_prompt is None or aligned.per_prompt is None:
-        raise ShapeError("principal_component needs per-prompt vectors: residual_stats(..., keep_per_prompt=True).")
-    disp = (base.per_prompt - aligned.per_prompt).double().transpose(0, 1)  # [layer, prompt, d]
+    _check_pair(first, second, same_probes)
+    unit, norms = _unit_rows(first.mean - second.mean, "mean_first - mean_second", first.layers)
+    prov = _provenance("mean_difference", first, second, same_probes=same_probes)
+    return Direction(unit, norms, first.layers, first.site, prov)
+
+
+def _paired_differences(first: ResidStats, second: ResidStats, what: str) -> Float[Tensor, "layer prompt d_model"]:
+    if first.per_prompt is None or second.per_prompt is None:
+        raise ShapeError(f"{what} needs per-prompt vectors: residual_stats(..., keep_per_prompt=True).")
+    if first.per_prompt.shape[0] != second.per_prompt.shape[0]:
+        raise ShapeError(
+            f"{what} pairs prompt i of one set with prompt i of the other, but the sets have "
+            f"{first.per_prompt.shape[0]} and {second.per_prompt.shape[0]} prompts; give paired sets of equal size, "
+            "or use mean_difference/logistic."
+        )
+    disp = (first.per_prompt - second.per_prompt).double().transpose(0, 1)  # [layer, prompt, d]
     if disp.shape[1] < 2:
-        raise ShapeError("principal_component needs at least 2 prompts.")
+        raise ShapeError(f"{what} needs at least 2 prompts.")
+    return disp
+
+
+def _sign_aligned(vecs: Tensor, first: ResidStats, second: ResidStats, method: str, same_probes: bool) -> Direction:
+    """Flip each layer's vector to point along the mean difference; ``norms`` are the mean-difference norms."""
+    mean_dir = first.mean - second.mean
+    sign = torch.sign((vecs * mean_dir).sum(1))
+    sign[sign == 0] = 1
+    unit, _ = _unit_rows(vecs * sign[:, None], method, first.layers)
+    _, norms = _unit_rows(mean_dir, "mean_first - mean_second", first.layers)
+    return Direction(unit, norms, first.layers, first.site, _provenance(method, first, second, same_probes=same_probes))
+
+
+def principal_component(first: ResidStats, second: ResidStats, *, same_probes: bool = True) -> Direction:
+    """Top principal component of the paired differences ``x_first[i] - x_second[i]``, *centred*.
+
+    The differences are centred on their mean before the SVD, so this is the axis along which the
+    differences *vary* most (not their mean; compare :func:`uncentred_pca`). Both statistics need
+    ``keep_per_prompt=True`` and the same number of prompts (prompt ``i`` paired with prompt ``i``).
+    The sign is chosen so that the component points along the mean difference; ``norms`` hold the
+    mean-difference norms.
+    """
+    _check_pair(first, second, same_probes)
+    disp = _paired_differences(first, second, "principal_component")
     centred = disp - disp.mean(1, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    pc = vh[:, 0, :]  # [layer, d]
-    mean_dir = base.mean - aligned.mean
-    sign = torch.sign((pc * mean_dir).sum(1))
-    sign[sign == 0] = 1
-    unit, _ = _unit_rows(pc * sign[:, None], "principal component", base.layers)
-    _, norms = _unit_rows(mean_dir, "mean_base - mean_aligned", base.layers)
-    return Direction(unit, norms, base.layers, base.site, _provenance("principal_component", base, aligned))
+    return _sign_aligned(vh[:, 0, :], first, second, "principal_component", same_probes)
+
+
+def uncentred_pca(first: ResidStats, second: ResidStats, *, same_probes: bool = True) -> Direction:
+    """Top right-singular vector of the *uncentred* paired differences (steering-vectors' ``pca_aggregator``).
+
+    The principal axis of ``{d_i} u {-d_i}`` with ``d_i = x_first[i] - x_second[i]``, i.e. the top
+    eigenvector of ``sum_i d_i d_i^T``: dominated by the mean difference when the differences agree,
+    unlike :func:`principal_component`. Sign-aligned with the mean difference (steering-vectors flips it
+    toward the mean of ``d_i @ v``: the same rule); ``norms`` hold the mean-difference norms. Needs
+    ``keep_per_prompt=True`` and paired sets of equal size.
+    """
+    _check_pair(first, second, same_probes)
+    disp = _paired_differences(first, second, "uncentred_pca")
+    _, _, vh = torch.linalg.svd(disp, full_matrices=False)
+    return _sign_aligned(vh[:, 0, :], first, second, "uncentred_pca", same_probes)
+
+
+def fit_logistic(
+    x: Float[Tensor, "n d_model"], y: Float[Tensor, " n"], l2: float = 1e-2, max_iter: int = 100, tol: float = 1e-10
+) -> tuple[Float[Tensor, " d_model"], float]:
+    """L2-regularised logistic regression by Newton's method in float64 (deterministic, no sklearn).
+
+    Minimises ``mean_i log(1 + exp(-s_i (x_i.w + b))) + l2 / 2 * sigma^2 * ||w||^2`` with ``s_i = 2 y_i - 1``,
+    an unpenalised intercept ``b`` and ``sigma^2`` the features' mean variance (so ``l2`` does not depend on
+    the activations' scale). Newton runs in the row space of the centred data (the optimal ``w`` lies
+    there), so its cost is ``O(n^2 d)`` for ``n`` prompts, whatever ``d_model``.
+
+    Returns:
+        ``(w, b)`` in the coordinates of ``x``: the logit of ``y = 1`` is ``x.w + b``.
+    """
+    x = x.double()
+    y = y.double()
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ShapeError(f"fit_logistic needs x [n, d] and y [n], got {tuple(x.shape)} and {tuple(y.shape)}.")
+    if not ((y == 0) | (y == 1)).all() or y.min() == y.max():
+        raise ShapeError("fit_logistic needs labels 0/1 with both classes present.")
+    if not l2 > 0:
+        raise ShapeError(f"l2 must be > 0 (separable sets have no unregularised optimum), got {l2}.")
+    mu = x.mean(0)
+    xc = x - mu
+    sigma2 = float((xc**2).mean())
+    if sigma2 == 0:
+        raise DirectionError("all activations are identical; no hyperplane separates the two sets.")
+    u, sv, vh = torch.linalg.svd(xc / sigma2**0.5, full_matrices=False)
+    keep = sv > sv[0] * 1e-10
+    feats = u[:, keep] * sv[keep]  # [n, r]: the scaled data in an orthonormal basis of its row span
+    n, r = feats.shape
+    z = torch.cat([feats, torch.ones(n, 1, dtype=torch.float64)], 1)
+    s = 2 * y - 1
+    pen = torch.full((r + 1,), float(l2), dtype=torch.float64)
+    pen[-1] = 0.0
+
+    def objective(theta: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(-s * (z @ theta)).mean() + 0.5 * (pen * theta**2).sum()
+
+    theta = torch.zeros(r + 1, dtype=torch.float64)
+    for it in range(max_iter + 1):
+        m = z @ theta
+        p = torch.sigmoid(-s * m)  # = 1 - P(correct label)
+        grad = z.T @ (-s * p) / n + pen * theta
+        if grad.abs().max() < tol:
+            break
+        if it == max_iter:
+            if grad.abs().max() > 1e-6:
+                raise DirectionError(
+                    f"logistic regression did not converge in {max_iter} Newton steps (gradient "
+                    f"{float(grad.abs().max()):.1e}); raise l2 (now {l2}) or max_iter."
+                )
+            break
+        weight = p * (1 - p)
+        hess = (z.T * weight) @ z / n + torch.diag(pen)
+        step = torch.linalg.solve(hess + 1e-12 * torch.eye(r + 1, dtype=torch.float64), grad)
+        f0, t = objective(theta), 1.0
+        while objective(theta - t * step) > f0 - 1e-4 * t * (grad @ step) and t > 1e-10:
+            t *= 0.5
+        theta = theta - t * step
+    w_scaled = vh[keep].T @ theta[:-1]  # back to the feature axes of x / sigma
+    w = w_scaled / sigma2**0.5
+    b = float(theta[-1] - mu @ w)
+    return w, b
+
+
+def logistic(first: ResidStats, second: ResidStats, *, same_probes: bool = True, l2: float = 1e-2) -> Direction:
+    """Per layer, the unit normal of the logistic-regression hyperplane separating ``first`` from ``second``.
+
+    Fits :func:`fit_logistic` on the per-prompt vectors (label 1 for ``first``, 0 for ``second``; sets may
+    differ in size), so the vector points toward ``first``. ``l2`` is relative to the activations' mean
+    variance. ``norms`` hold the mean-difference norms; ``provenance["train_accuracy"]`` the per-layer
+    accuracy of the fitted classifier on its own training prompts.
+    """
+    _check_pair(first, second, same_probes)
+    if first.per_prompt is None or second.per_prompt is None:
+        raise ShapeError("logistic needs per-prompt vectors: residual_stats(..., keep_per_prompt=True).")
+    a, b_ = first.per_prompt.double(), second.per_prompt.double()
+    y = torch.cat([torch.ones(a.shape[0]), torch.zeros(b_.shape[0])]).double()
+    rows, acc = [], []
+    for i in range(len(first.layers)):
+        x = torch.cat([a[:, i], b_[:, i]])
+        w, b = fit_logistic(x, y, l2)
+        rows.append(w)
+        acc.append(float(((x @ w + b > 0).double() == y).double().mean()))
+    unit, _ = _unit_rows(torch.stack(rows), "logistic normal", first.layers)
+    _, norms = _unit_rows(first.mean - second.mean, "mean_first - mean_second", first.layers)
+    prov = _provenance("logistic", first, second, same_probes=same_probes, l2=float(l2), train_accuracy=acc)
+    return Direction(unit, norms, first.layers, first.site, prov)
 
 
 def chain(stats: Sequence[ResidStats], weights: Sequence[float] | None = None) -> Direction:
@@ -259,6 +407,15 @@ def random_direction(
     unit, _ = _unit_rows(v, "random direction", layers)
     norms = like.norms.clone() if like is not None else torch.ones(len(layers))
     return Direction(unit, norms, tuple(layers), site, {"method": "random", "seed": int(seed)})
+
+
+#: The estimators by name: each ``f(first, second, *, same_probes=True, **options) -> Direction``.
+ESTIMATORS: dict[str, Any] = {
+    "mean_difference": mean_difference,
+    "principal_component": principal_component,
+    "uncentred_pca": uncentred_pca,
+    "logistic": logistic,
+}
 
 
 def vocab_readout(direction: Direction, model: Any, k: int = 10, tokenizer: Any = None) -> "Any":

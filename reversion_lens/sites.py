@@ -10,11 +10,30 @@ resid_mid      ``blocks.{l}.hook_resid_mid``: the MLP branch    ``blocks.{l}.hoo
 resid_post     ``blocks.{l}.hook_resid_post`` (= ``hook_out``)  ``blocks.{l}.hook_resid_post``
 attn_out       ``blocks.{l}.hook_attn_out``                     ``blocks.{l}.hook_attn_out``
 mlp_out        ``blocks.{l}.hook_mlp_out``                      ``blocks.{l}.hook_mlp_out``
+ln1_in         ``blocks.{l}.ln1.hook_in``: what the attention   none (the legacy LayerNorm hooks only
+               branch's norm reads (= resid_pre's value)        ``hook_scale`` / ``hook_normalized``)
+ln1_out        ``blocks.{l}.ln1.hook_out``: what attention      none
+               reads (after the norm's weight and bias)
+ln2_in         ``blocks.{l}.ln2.hook_in``: what the MLP         none
+               branch's norm reads (= resid_mid; resid_pre
+               on parallel attention+MLP models)
+ln2_out        ``blocks.{l}.ln2.hook_out``: what the MLP reads  none
+ln_final_in    ``ln_final.hook_in``, last layer only            none
+               (= the last resid_post's value)
+ln_final_out   ``ln_final.hook_out``, last layer only: what     none
+               the unembedding reads
 =============  ==============================================  ===========================================
 
 Reading ``resid_mid`` on a sequential TL4 model gives the trunk value; writing to it (or projecting its
 gradient) only changes the MLP branch, so interventions use :func:`residual_write_hooks` instead: every
 write to the trunk is covered by ``resid_pre`` + ``attn_out`` + ``resid_post`` (TL4_GUIDE section 3).
+
+The layer-norm sites (:data:`NORM_SITES`, steering-vectors' ``input_layernorm`` /
+``post_attention_layernorm`` layer types) exist on every TL4 bridge (GPT-2, GPT-NeoX, Llama and native
+models checked on TransformerLens 4.3.0; a native model with ``normalization_type=None`` has them as
+identities). They are *branch* sites: reading them is exact, but writing to one changes only what that
+norm's branch (attention, MLP or unembedding) reads, never the residual trunk (:data:`BRANCH_SITES`). ``ln_final_*`` belong to the last layer:
+``hook_name(model, "ln_final_out", -1)``; any other layer is a :class:`SiteError`.
 """
 
 from collections.abc import Iterable, Sequence
@@ -25,6 +44,9 @@ from .errors import SiteError
 
 __all__ = [
     "SITES",
+    "RESIDUAL_SITES",
+    "NORM_SITES",
+    "BRANCH_SITES",
     "hook_name",
     "hook_names",
     "check_layers",
@@ -38,7 +60,20 @@ __all__ = [
     "all_modules",
 ]
 
-SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+RESIDUAL_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+NORM_SITES: tuple[str, ...] = ("ln1_in", "ln1_out", "ln2_in", "ln2_out", "ln_final_in", "ln_final_out")
+SITES: tuple[str, ...] = RESIDUAL_SITES + NORM_SITES
+# Writing here changes one branch's input, not the residual trunk (resid_mid: on TL4 bridges only).
+BRANCH_SITES: frozenset[str] = frozenset(NORM_SITES)
+
+_NORM_HOOKS = {
+    "ln1_in": "blocks.{layer}.ln1.hook_in",
+    "ln1_out": "blocks.{layer}.ln1.hook_out",
+    "ln2_in": "blocks.{layer}.ln2.hook_in",
+    "ln2_out": "blocks.{layer}.ln2.hook_out",
+    "ln_final_in": "ln_final.hook_in",
+    "ln_final_out": "ln_final.hook_out",
+}
 
 
 def is_bridge(model: object) -> bool:
@@ -107,6 +142,8 @@ def hook_name(model: object, site: str, layer: int) -> str:
     if site not in SITES:
         raise SiteError(f"unknown site {site!r}; choose one of {', '.join(SITES)}.")
     (layer,) = check_layers(model, [layer])
+    if site in _NORM_HOOKS:
+        return _norm_hook_name(model, site, layer)
     name = f"blocks.{layer}.hook_{site}"
     if name not in model.hook_dict:  # type: ignore[attr-defined]
         extra = ""
@@ -116,6 +153,23 @@ def hook_name(model: object, site: str, layer: int) -> str:
                 " use resid_pre or resid_post."
             )
         raise SiteError(f"{type(model).__name__} has no site {site!r} (no hook {name!r}).{extra}")
+    return name
+
+
+def _norm_hook_name(model: object, site: str, layer: int) -> str:
+    last = n_layers(model) - 1
+    if site.startswith("ln_final") and layer != last:
+        raise SiteError(
+            f"site {site!r} is the final norm, which belongs to the last layer ({last}) only, not layer {layer}; "
+            f"pass layers=[{last}] (or [-1])."
+        )
+    name = _NORM_HOOKS[site].format(layer=layer)
+    if name not in model.hook_dict:  # type: ignore[attr-defined]
+        raise SiteError(
+            f"{type(model).__name__} has no site {site!r} (no hook {name!r}): layer-norm sites need a TransformerLens "
+            "4 bridge (the legacy HookedTransformer has none). Use a residual site (resid_pre, resid_post, attn_out, "
+            "mlp_out)."
+        )
     return name
 
 

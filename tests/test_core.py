@@ -1,4 +1,4 @@
-"""Sites, probe sets, streaming statistics, directions, drift metrics, histories."""
+"""Probe sets, streaming statistics, drift metrics, histories (sites: test_sites.py; directions: test_directions.py)."""
 
 import json
 
@@ -7,17 +7,13 @@ import torch
 from conftest import make_native, random_seqs
 
 import reversion_lens as rl
-from reversion_lens import sites
-from reversion_lens.directions import Direction, chain, mean_difference, principal_component, random_direction
+from reversion_lens.directions import mean_difference, random_direction
 from reversion_lens.drift import drift_metrics
 from reversion_lens.errors import (
-    DirectionError,
     IncompatibleCheckpointsError,
     NonFiniteError,
     ProbeError,
     ResultsFormatError,
-    ShapeError,
-    SiteError,
 )
 from reversion_lens.history import Checkpoint, History
 from reversion_lens.models import save_native
@@ -30,24 +26,6 @@ def naive_last_token(model, seqs, site="resid_post"):
         _, cache = model.run_with_cache(torch.tensor([s]))
         out.append(torch.stack([cache[f"blocks.{l}.hook_{site}"][0, -1] for l in range(model.cfg.n_layers)]))
     return torch.stack(out)  # [prompt, layer, d]
-
-
-# ---------------------------------------------------------------- sites
-def test_sites_map_and_errors(tiny_model):
-    assert sites.hook_name(tiny_model, "resid_post", 1) == "blocks.1.hook_resid_post"
-    assert sites.hook_name(tiny_model, "attn_out", -1) == "blocks.2.hook_attn_out"
-    assert sites.residual_write_hooks(tiny_model, 0) == [
-        "blocks.0.hook_resid_pre",
-        "blocks.0.hook_attn_out",
-        "blocks.0.hook_resid_post",
-    ]
-    with pytest.raises(SiteError, match="unknown site 'resid_middle'"):
-        sites.hook_name(tiny_model, "resid_middle", 0)
-    with pytest.raises(SiteError, match="out of range.*3 layers"):
-        sites.check_layers(tiny_model, [3])
-    with pytest.raises(SiteError, match="duplicate"):
-        sites.check_layers(tiny_model, [1, 1])
-    assert sites.check_layers(tiny_model, None) == (0, 1, 2)
 
 
 # ---------------------------------------------------------------- probes
@@ -155,44 +133,6 @@ def _stats_pair():
     base = rl.residual_stats(make_native(seed=1), probes, keep_per_prompt=True, meta={"checkpoint": "base"})
     aligned = rl.residual_stats(make_native(seed=2), probes, keep_per_prompt=True, meta={"checkpoint": "aligned"})
     return base, aligned
-
-
-def test_mean_difference_and_pc():
-    base, aligned = _stats_pair()
-    v = mean_difference(base, aligned)
-    diff = base.mean - aligned.mean
-    torch.testing.assert_close(v.vectors.double(), diff / diff.norm(dim=1, keepdim=True), atol=1e-6, rtol=0)
-    torch.testing.assert_close(v.norms.double(), diff.norm(dim=1), atol=1e-5, rtol=1e-6)
-    assert v.provenance["checkpoints"] == ["base", "aligned"]
-    pc = principal_component(base, aligned)
-    assert ((pc.vectors.double() * diff).sum(1) > 0).all()  # sign-aligned with the mean difference
-    torch.testing.assert_close(pc.vectors.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
-    # a chain through one intermediate point: equal weights on the two unit steps
-    mid = rl.ResidStats(aligned.sum + 0.5 * (base.sum - aligned.sum), base.count, base.layers, base.site)
-    c = chain([base, mid, aligned])
-    torch.testing.assert_close(c.vectors, v.vectors, atol=1e-5, rtol=0)
-
-
-def test_direction_errors_and_roundtrip(tmp_path):
-    with pytest.raises(DirectionError, match="zero norm at layer"):
-        Direction.from_vectors(torch.zeros(2, 4))
-    with pytest.raises(DirectionError, match="non-finite"):
-        Direction.from_vectors(torch.tensor([[1.0, float("nan")]]))
-    with pytest.raises(DirectionError, match="match layers"):
-        Direction.from_vectors(torch.ones(2, 4), layers=[0])
-    base, _ = _stats_pair()
-    with pytest.raises(DirectionError, match="identical"):
-        mean_difference(base, base)
-    v = random_direction(32, [0, 2], seed=5)
-    assert torch.equal(v.vectors, random_direction(32, [0, 2], seed=5).vectors)
-    v.save(tmp_path / "d.safetensors")
-    back = Direction.load(tmp_path / "d.safetensors")
-    assert torch.equal(back.vectors, v.vectors) and back.layers == (0, 2)
-    from safetensors.torch import load_file
-
-    assert load_file(tmp_path / "d.safetensors")["v_rev"].shape == (2, 32)
-    with pytest.raises(ShapeError, match="d_model 32 but the model has 16"):
-        v.check_model(make_native(d_model=16))
 
 
 def test_drift_metrics_by_hand():
