@@ -43,8 +43,8 @@ def _estimator(method: str | Callable) -> Callable:
     if callable(method):
         return method
     if method not in ESTIMATORS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(ESTIMATORS)} or pass a function.")
-    return ESTIMATORS[method]
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(ESTIMATORS.names())} or pass a function.")
+    return ESTIMATORS[method].obj
 
 
 def contrastive_stats(

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .activations import ResidStats
 from .errors import DirectionError, ResultsFormatError, ShapeError
+from .registry import ESTIMATORS
 from .io import load_tensors, save_tensors
 
 __all__ = [
@@ -409,13 +410,15 @@ def random_direction(
     return Direction(unit, norms, tuple(layers), site, {"method": "random", "seed": int(seed)})
 
 
-#: The estimators by name: each ``f(first, second, *, same_probes=True, **options) -> Direction``.
-ESTIMATORS: dict[str, Any] = {
-    "mean_difference": mean_difference,
-    "principal_component": principal_component,
-    "uncentred_pca": uncentred_pca,
-    "logistic": logistic,
-}
+#: The estimators by name (a registry: ``ESTIMATORS["logistic"].obj``), each
+#: ``f(first, second, *, same_probes=True, **options) -> Direction``; ``per_prompt``: it needs the
+#: statistics' per-prompt vectors (``residual_stats(..., keep_per_prompt=True)``).
+ESTIMATORS.register("mean_difference", mean_difference, per_prompt=False, doc="normalize(mean_first - mean_second)")
+ESTIMATORS.register("principal_component", principal_component, per_prompt=True,
+                    doc="top principal component of the centred paired differences, sign-aligned")
+ESTIMATORS.register("uncentred_pca", uncentred_pca, per_prompt=True,
+                    doc="top singular vector of the uncentred paired differences (steering-vectors' pca_aggregator)")
+ESTIMATORS.register("logistic", logistic, per_prompt=True, doc="normal of an L2-regularised logistic regression")
 
 
 def vocab_readout(direction: Direction, model: Any, k: int = 10, tokenizer: Any = None) -> "Any":
@@ -458,11 +461,3 @@ def _token_str(tok: Any, tid: int) -> str:
             return out if out.strip() else f"<{tid}>"  # padding and control tokens decode to nothing
     return str(tid)
 
-
-# The v_rev estimators the experiment config can name (``direction = "..."``): fn(base, aligned) -> Direction.
-from .registry import ESTIMATORS  # noqa: E402
-
-ESTIMATORS.register("mean_difference", mean_difference, per_prompt=False,
-                    doc="normalize(mean_base - mean_aligned) per layer")
-ESTIMATORS.register("principal_component", principal_component, per_prompt=True,
-                    doc="top principal component of the per-prompt displacements, sign-aligned")

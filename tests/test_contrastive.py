@@ -44,7 +44,7 @@ def test_contrastive_direction_on_one_checkpoint(tiny_model):
     assert v.provenance["probes"] == [pos.describe(), neg.describe()]  # both probe sets
     assert v.provenance["contrast"] == {"positive": "harmful", "negative": "harmless"}
     assert v.provenance["checkpoints"] == ["aligned", "aligned"]
-    for name in ESTIMATORS:  # every estimator runs on two probe sets of one model
+    for name in ESTIMATORS.names():  # every estimator runs on two probe sets of one model
         d = contrastive_direction(tiny_model, pos, neg, name)
         assert d.provenance["method"] == name and d.layers == (0, 1, 2)
     with pytest.raises(ConfigError, match="unknown method 'svm'"):

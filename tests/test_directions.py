@@ -141,12 +141,12 @@ def test_logistic_direction_finds_the_separating_axis():
 
 # ---------------------------------------------------------------- the registry and probe sets
 def test_registry_and_contrasting_probe_sets():
-    assert list(ESTIMATORS) == ["mean_difference", "principal_component", "uncentred_pca", "logistic"]
+    assert ESTIMATORS.names() == ["mean_difference", "principal_component", "uncentred_pca", "logistic"]
     g = torch.Generator().manual_seed(0)
     a = torch.randn(10, 3, 8, generator=g) + torch.linspace(0, 2, 8)
     b = torch.randn(10, 3, 8, generator=g)
     first, second = _synthetic(a, probes_hash="aaaa"), _synthetic(b, probes_hash="bbbb")
-    for name, estimator in ESTIMATORS.items():
+    for name, estimator in ((e.name, e.obj) for e in ESTIMATORS):
         with pytest.raises(ShapeError, match="different probe sets.*same_probes=False"):
             estimator(first, second)
         v = estimator(first, second, same_probes=False)
