@@ -69,14 +69,6 @@ class Source:
             return self
         return dataclasses.replace(self, path=str((base_dir / self.path).resolve()))
 
-    def where_dict(self) -> dict[str, str] | None:
-        if not self.where:  # None or "": every row
-            return None
-        col, sep, val = self.where.partition("=")
-        if not sep or not col:
-            raise ConfigError(f"where = {self.where!r}: write COLUMN=VALUE, e.g. where = \"FunctionalCategory=standard\".")
-        return {col.strip(): val.strip()}
-
 
 @dataclass(frozen=True)
 class AlignConfig:
