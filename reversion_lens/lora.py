@@ -113,17 +113,25 @@ def _resolve_targets(model: Any, target_modules: Sequence[str] | str | None) -> 
     return chosen
 
 
-def _replace_module(model: Any, old: torch.nn.Module, new: torch.nn.Module) -> int:
-    """Point every parent of ``old`` (in the bridge and its Hugging Face tree) at ``new``; returns how many."""
-    parents = {id(m): m for m in model.modules()}
-    parents.update((id(m), m) for m in model.original_model.modules())
-    n = 0
-    for parent in parents.values():
-        for name, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[name] = new
-                n += 1
-    return n
+def _parents(model: Any) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """``{id(module): [(parent, attribute name), ...]}`` over the bridge and its Hugging Face tree.
+
+    A module can have several parents: GPT-2's ``c_proj`` is both ``attn.o``'s wrapped module and the Hugging
+    Face attention's attribute; every one of them must see the replacement.
+    """
+    modules = {id(m): m for m in model.modules()}
+    modules.update((id(m), m) for m in model.original_model.modules())
+    out: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for parent in modules.values():
+        for name, child in parent._modules.items():
+            if child is not None:
+                out.setdefault(id(child), []).append((parent, name))
+    return out
+
+
+def _replace(parents: dict[int, list[tuple[torch.nn.Module, str]]], old: torch.nn.Module, new: torch.nn.Module) -> None:
+    for parent, name in parents.get(id(old), []):
+        parent._modules[name] = new
 
 
 def apply_lora(
@@ -174,6 +182,7 @@ def apply_lora(
     groups: dict[bool, list[tuple[str, Any]]] = {}
     for label, comp in picked:
         groups.setdefault(isinstance(comp.original_component, Conv1D), []).append((label, comp))
+    parents = _parents(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for conv1d, items in groups.items():
@@ -186,7 +195,7 @@ def apply_lora(
             )
             peft.inject_adapter_in_model(config, holder)
             for i, (_, comp) in enumerate(items):
-                _replace_module(model, comp.original_component, getattr(holder, f"t{i}"))
+                _replace(parents, comp.original_component, getattr(holder, f"t{i}"))
     for layer in lora_layers(model).values():
         for p in layer.parameters():
             p.requires_grad_(False)
@@ -311,13 +320,14 @@ def merge_lora(model: Any) -> Any:
     The base weight is updated in place (GPT-2's split q/k/v are views of ``c_attn`` and stay so). All
     parameters are trainable again afterwards, as after loading.
     """
+    parents = _parents(model)
     for layer in lora_layers(model).values():
         base = layer.get_base_layer()
         if not layer.merged:
             for name in layer.active_adapters:
                 if name in layer.lora_A:
                     base.weight.add_(layer.get_delta_weight(name).to(base.weight.dtype))
-        _replace_module(model, layer, base)
+        _replace(parents, layer, base)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
