@@ -129,11 +129,20 @@ class HFHistory:
         write_json(folder / "meta.json", {"losses": list(losses), "seconds": time.perf_counter() - t0,
                                           "n_examples": len(examples), "data": data.describe()})  # fmt: skip
 
+    def prepare_finetune(self, model: Any) -> Any:
+        """The model to fine-tune: with ``[hf.lora]``, LoRA adapters added and every other weight frozen."""
+        if self.hf.lora is not None:
+            from ..lora import apply_lora
+
+            apply_lora(model, r=self.hf.lora.r, alpha=self.hf.lora.alpha, target_modules=self.hf.lora.target_modules,
+                       dropout=self.hf.lora.dropout, seed=self.seed)  # fmt: skip
+        return model
+
     def save_model(self, model: Any, folder: str | os.PathLike) -> Path:
         """Write ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads."""
-        from ..models import save_hf
+        from ..hf_export import save_hf
 
-        return save_hf(model, folder)
+        return save_hf(model, folder, overwrite=True)
 
     # -------------------------------------------------------------- text
     def _model(self) -> Any:
