@@ -86,6 +86,21 @@ def png_available() -> tuple[bool, str]:
     return True, f"kaleido {version('kaleido')} with browser {path}"
 
 
+#: kaleido 1.5 now and then binds a tab to a JavaScript context where its scripts are not loaded (seen in 3
+#: of ~25 test runs on a busy 2-core machine, once with another kaleido process rendering); every figure then
+#: fails with this error. A fresh server (new tabs) renders normally, so :func:`write_figures` restarts the
+#: server it started and retries that image once.
+_PAGE_RACE = "kaleido_scopes is not defined"
+
+
+def _start_server() -> None:
+    import kaleido
+    import plotly.io as pio
+
+    # mathjax off: no network fetch, no LaTeX used
+    kaleido.start_sync_server(mathjax=False, headers=pio.defaults.headers, silence_warnings=True)
+
+
 def _render(fig: go.Figure, fmt: str, scale: float) -> bytes:
     """``fig.to_image`` through the shared kaleido server, failing instead of hanging if it died.
 
@@ -221,14 +236,19 @@ def write_figures_quietly(
 
     server = getattr(kaleido, "_global_server", None)
     already = bool(server is not None and server.is_running())
-    if not already:  # one browser for every image; mathjax off: no network fetch, no LaTeX used
-        import plotly.io as pio
-
-        kaleido.start_sync_server(mathjax=False, headers=pio.defaults.headers, silence_warnings=True)
+    if not already:  # one browser for every image
+        _start_server()
     try:
         for name, fig in figures.items():
             for fmt in static:
-                data = _render(fig, fmt, scale)
+                try:
+                    data = _render(fig, fmt, scale)
+                except Exception as e:  # only kaleido's page-load race is retried
+                    if already or _PAGE_RACE not in str(e):
+                        raise
+                    kaleido.stop_sync_server(silence_warnings=True)  # fresh tabs, then once more
+                    _start_server()
+                    data = _render(fig, fmt, scale)
                 written[name].append(atomic_write_bytes(out / f"{name}.{fmt}", data))
     except _BrowserDied as e:
         return written, f"Skipped {', '.join(static)} from figure {name!r} on: {e}"

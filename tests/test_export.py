@@ -88,6 +88,35 @@ def test_write_figures_without_browser(tmp_path, monkeypatch):
             export.write_figures({"../x": go.Figure()}, tmp_path)
 
 
+def test_kaleido_page_race_restarts_the_server_once(tmp_path, monkeypatch):
+    """kaleido's 'kaleido_scopes is not defined' race: restart the server, retry that image once; other errors raise."""
+    kaleido = pytest.importorskip("kaleido")
+    calls = {"start": 0, "stop": 0, "render": 0}
+    monkeypatch.setattr(export, "png_available", lambda: (True, "fake"))
+    monkeypatch.setattr(kaleido, "_global_server", None, raising=False)
+    monkeypatch.setattr(kaleido, "start_sync_server", lambda **kw: calls.__setitem__("start", calls["start"] + 1))
+    monkeypatch.setattr(kaleido, "stop_sync_server", lambda **kw: calls.__setitem__("stop", calls["stop"] + 1))
+
+    def flaky(fig, fmt, scale, fail_on=(1,), message=export._PAGE_RACE):
+        calls["render"] += 1
+        if calls["render"] in fail_on:
+            raise RuntimeError(f"JavascriptError: ReferenceError: {message}")
+        return PNG_MAGIC + b"fake"
+
+    monkeypatch.setattr(export, "_render", flaky)
+    out = export.write_figures(two_figures(), tmp_path, formats=("png",))
+    assert [p.read_bytes() for ps in out.values() for p in ps] == [PNG_MAGIC + b"fake"] * 2
+    assert calls == {"start": 2, "stop": 2, "render": 3}  # one restart, the failed image rendered again
+    monkeypatch.setattr(export, "_render", lambda *a: flaky(*a, fail_on=(4, 5)))  # fails again after the restart
+    with pytest.raises(RuntimeError, match="kaleido_scopes"):
+        export.write_figures(two_figures(), tmp_path / "again", formats=("png",))
+    assert calls["stop"] == calls["start"] == 4  # the server it started is stopped even so
+    monkeypatch.setattr(export, "_render", lambda *a: flaky(*a, fail_on=(6,), message="x is not defined"))
+    with pytest.raises(RuntimeError, match="x is not defined"):  # any other error: no retry
+        export.write_figures(two_figures(), tmp_path / "other", formats=("png",))
+    assert calls["render"] == 6 and calls["start"] == 5
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_write_figures_browser_that_fails_to_start(tmp_path, monkeypatch):
     """kaleido's server thread dies when the browser does not start; we warn instead of waiting forever."""
