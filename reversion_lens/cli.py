@@ -184,8 +184,9 @@ def _write_report(out: Path, figures: str) -> None:
     from .report import write_report
 
     formats = {"html": ("html",), "png": ("png",), "both": ("html", "png")}[figures]
-    written = write_report(out, formats=formats)
-    _say(f"figures: {sum(len(v) for v in written.values())} files in {out / 'figures'}")
+    report = write_report(out, formats=formats)
+    _say(f"report: {report.html}; {len(report.figures)} figures in {out / 'figures'}"
+         + (f" (no PNGs: {report.png_skipped})" if report.png_skipped else ""))  # fmt: skip
 
 
 # ---------------------------------------------------------------------- run

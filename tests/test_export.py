@@ -1,140 +1,129 @@
-"""save_hf: a fine-tuned TransformerBridge written as a Hugging Face folder that transformers and our specs load."""
+"""Writing figures to disk: light HTML sharing one plotly.min.js, PNG through kaleido when a browser is there."""
 
-import os
+import warnings
 
+import plotly.graph_objects as go
 import pytest
-import torch
-from hf_fixtures import save_tiny
+from test_figures import make_traj, make_vocab
 
-from reversion_lens.errors import SpecError
-from reversion_lens.hf_export import hf_state_dict, save_hf
-from reversion_lens.specs import parse_spec
+from reversion_lens import export, figures
+from reversion_lens.errors import ReversionLensError
+from reversion_lens.export import PLOTLYJS_MARKER
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-ARCHS = [("gpt2", {}), ("neox", {}), ("llama", {}), ("llama", {"tied": False})]
-TEXT = "the cat sat on the mat"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def boot(folder):
-    from transformer_lens import TransformerBridge
-
-    return TransformerBridge.boot_transformers(str(folder), device="cpu")
+def two_figures() -> dict[str, go.Figure]:
+    return {"heat": figures.alignment_heatmap(make_traj()), "vocab": figures.vocab_readout(make_vocab(), layer=0)}
 
 
-def fine_tune(model, steps: int = 3, seed: int = 0) -> torch.Tensor:
-    """A few AdamW steps on random tokens (every weight moves); returns the tokens."""
-    g = torch.Generator().manual_seed(seed)
-    toks = torch.randint(4, int(model.cfg.d_vocab), (2, 9), generator=g)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        model(toks, return_type="loss").backward()
-        opt.step()
-    return toks
+def test_directory_mode_writes_plotlyjs_once_and_small_files(tmp_path):
+    out = export.write_figures(two_figures(), tmp_path / "figs", formats=("html",))
+    js = tmp_path / "figs" / export.PLOTLYJS_FILE
+    assert out == {"heat": [tmp_path / "figs" / "heat.html"], "vocab": [tmp_path / "figs" / "vocab.html"],
+                   export.PLOTLYJS_FILE: [js]}  # fmt: skip
+    assert js.read_text(encoding="utf-8") == export.plotlyjs_source()
+    assert js.read_text(encoding="utf-8").count(PLOTLYJS_MARKER) == 1
+    for name in ("heat", "vocab"):
+        html = (tmp_path / "figs" / f"{name}.html").read_text(encoding="utf-8")
+        assert len(html.encode()) < 100_000
+        assert '<script charset="utf-8" src="plotly.min.js"></script>' in html  # relative: works from disk
+        assert PLOTLYJS_MARKER not in html and "cdn.plot.ly" not in html and "Plotly.newPlot(" in html
+    # a second call keeps the identical shared file as it is
+    stamp = js.stat().st_mtime_ns
+    export.write_figures(two_figures(), tmp_path / "figs", formats=("html",))
+    assert js.stat().st_mtime_ns == stamp
 
 
-def hf_logits(folder, toks):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-    with torch.no_grad():
-        return hf(toks).logits
-
-
-@pytest.mark.parametrize("arch,kw", ARCHS, ids=["gpt2", "neox", "llama-gqa-tied", "llama-gqa-untied"])
-def test_fine_tuned_bridge_exports_to_a_folder_transformers_and_specs_load(tmp_path, arch, kw):
-    from transformers import AutoTokenizer
-
-    src = save_tiny(arch, tmp_path / "src", **kw)
-    model = boot(src)
-    with torch.no_grad():
-        before = model(model.to_tokens(TEXT))
-    toks = fine_tune(model)
-    model.eval()
-    with torch.no_grad():
-        ours = model(toks)
-        assert (model(model.to_tokens(TEXT)) - before).abs().max() > 1e-2  # training moved the model
-    out = save_hf(model, tmp_path / "out")
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
-    torch.testing.assert_close(hf_logits(out, toks), ours, atol=1e-5, rtol=0)
-    spec = parse_spec(out)
-    assert spec.kind == "hf_dir" and spec.signature() == parse_spec(src).signature()
-    with torch.no_grad():
-        torch.testing.assert_close(spec.load()(toks), ours, atol=1e-5, rtol=0)
-    # the tokenizer behaves as the source's (not as TransformerLens's add_bos_token reload)
-    assert AutoTokenizer.from_pretrained(out)(TEXT).input_ids == AutoTokenizer.from_pretrained(src)(TEXT).input_ids
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folders left
+def test_inline_and_cdn_modes(tmp_path):
+    fig = {"v": figures.vocab_readout(make_vocab(), 0)}
+    inline = export.write_figures(fig, tmp_path / "inline", formats=("html",), plotlyjs="inline")
+    html = inline["v"][0].read_text(encoding="utf-8")
+    assert list(inline) == ["v"] and html.count(PLOTLYJS_MARKER) == 1 and "src=" not in html.split("<body>")[0]
+    cdn = export.write_figures(fig, tmp_path / "cdn", formats=("html",), plotlyjs="cdn")
+    assert 'src="https://cdn.plot.ly' in cdn["v"][0].read_text(encoding="utf-8")
+    assert sorted(p.name for p in (tmp_path / "cdn").iterdir()) == ["v.html"]
+    with pytest.raises(ReversionLensError, match="plotlyjs must be one of"):
+        export.write_figures(fig, tmp_path, plotlyjs="local")
+    with pytest.raises(ReversionLensError, match="reserved"):
+        export.write_figures({export.PLOTLYJS_FILE: go.Figure()}, tmp_path)
 
 
-def test_neox_needs_the_fused_qkv_rebuilt_from_the_trained_split(tmp_path):
-    """TL4_GUIDE's recipe (strip ._original_component) exports GPT-NeoX's stale fused query_key_value."""
-    from transformers import AutoModelForCausalLM
-
-    model = boot(save_tiny("neox", tmp_path / "src"))
-    toks = fine_tune(model)
-    naive = {}
-    for k, v in model.original_model.state_dict().items():
-        naive.setdefault(k.replace("._original_component", ""), v)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager").eval()
-    hf.load_state_dict({k: naive[k] for k in hf.state_dict()}, strict=True)
-    _, state = hf_state_dict(model)
-    with torch.no_grad():
-        ours = model(toks)
-        assert (hf(toks).logits - ours).abs().max() > 1e-2
-        hf.load_state_dict(state, strict=True)
-        torch.testing.assert_close(hf(toks).logits, ours, atol=1e-5, rtol=0)
+def test_write_figures_html_and_png(tmp_path):
+    ok, reason = export.png_available()
+    if not ok:
+        pytest.skip(reason)  # the no-browser path is tested below in every environment
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", export.PngUnavailableWarning)
+        out = export.write_figures(two_figures(), tmp_path / "figs")
+    assert {k: [p.name for p in v] for k, v in out.items()} == {
+        "heat": ["heat.html", "heat.png"], "vocab": ["vocab.html", "vocab.png"], "plotly.min.js": ["plotly.min.js"]}
+    for name in ("heat", "vocab"):
+        png = out[name][1].read_bytes()
+        assert png[:8] == PNG_MAGIC and len(png) > 1024
+        assert int.from_bytes(png[16:20], "big") == 2 * figures.WIDTH  # scale=2
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "heat.html", "heat.png", "plotly.min.js", "vocab.html", "vocab.png"]  # fmt: skip
 
 
-def test_tied_embeddings_that_drifted_apart_are_exported_untied(tmp_path):
-    import json
-
-    model = boot(save_tiny("llama", tmp_path / "src", tied=True))
-    head = model.original_model.lm_head
-    with torch.no_grad():  # the output embedding stops sharing the input embedding's tensor and moves
-        head.weight = torch.nn.Parameter(head.weight.detach().clone() + 0.1)
-    toks = model.to_tokens(TEXT)
-    with torch.no_grad():
-        ours = model(toks)
-    out = save_hf(model, tmp_path / "out")
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
-    torch.testing.assert_close(hf_logits(out, toks), ours, atol=1e-5, rtol=0)
-
-
-def test_native_bridge_points_to_save_native(tmp_path):
-    from conftest import make_native
-
-    with pytest.raises(SpecError, match="save_native"):
-        save_hf(make_native(), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_existing_folder_and_failed_writes_leave_nothing_half_written(tmp_path, monkeypatch):
-    model = boot(save_tiny("gpt2", tmp_path / "src"))
-    out = save_hf(model, tmp_path / "out")
-    with pytest.raises(SpecError, match="already exists"):
-        save_hf(model, out)
-    before = (out / "model.safetensors").read_bytes()
-    fine_tune(model)
-
-    def broken(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(type(model.tokenizer), "save_pretrained", broken)
-    with pytest.raises(OSError, match="disk full"):
-        save_hf(model, out, overwrite=True, tokenizer=model.tokenizer)
-    assert (out / "model.safetensors").read_bytes() == before  # the old folder, untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+def test_write_figures_without_browser(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "png_available", lambda: (False, "no Chromium or Chrome browser was found. fix"))
+    with pytest.warns(export.PngUnavailableWarning, match="Skipped png for 1 figures: no Chromium") as rec:
+        out = export.write_figures({"v": figures.vocab_readout(make_vocab(), 0)}, tmp_path, plotlyjs="cdn")
+    assert len([w for w in rec if w.category is export.PngUnavailableWarning]) == 1
+    assert [p.name for p in out["v"]] == ["v.html"]
+    # write_figures_quietly returns the reason instead of warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written, why = export.write_figures_quietly({"v": figures.vocab_readout(make_vocab(), 0)}, tmp_path)
+    assert why == "Skipped png for 1 figures: no Chromium or Chrome browser was found. fix"
+    assert sorted(written) == ["plotly.min.js", "v"]
     monkeypatch.undo()
-    save_hf(model, out, overwrite=True)
-    assert (out / "model.safetensors").read_bytes() != before
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-browser"))
+    ok, reason = export.png_available()
+    assert not ok and "BROWSER_PATH" in reason and "apt-get install chromium" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Exception, match="not a plain file stem"):
+            export.write_figures({"../x": go.Figure()}, tmp_path)
 
 
-def test_check_refuses_weights_that_do_not_reproduce_the_bridge(tmp_path):
-    model = boot(save_tiny("llama", tmp_path / "src"))
-    model.add_hook("blocks.1.hook_resid_post", lambda x, hook: x * 0.5, is_permanent=True)
-    with pytest.raises(RuntimeError, match="do not reproduce the bridge"):
-        save_hf(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    model.reset_hooks(including_permanent=True)
-    save_hf(model, tmp_path / "out")
+def test_kaleido_page_race_restarts_the_server_once(tmp_path, monkeypatch):
+    """kaleido's 'kaleido_scopes is not defined' race: restart the server, retry that image once; other errors raise."""
+    kaleido = pytest.importorskip("kaleido")
+    calls = {"start": 0, "stop": 0, "render": 0}
+    monkeypatch.setattr(export, "png_available", lambda: (True, "fake"))
+    monkeypatch.setattr(kaleido, "_global_server", None, raising=False)
+    monkeypatch.setattr(kaleido, "start_sync_server", lambda **kw: calls.__setitem__("start", calls["start"] + 1))
+    monkeypatch.setattr(kaleido, "stop_sync_server", lambda **kw: calls.__setitem__("stop", calls["stop"] + 1))
+
+    def flaky(fig, fmt, scale, fail_on=(1,), message=export._PAGE_RACE):
+        calls["render"] += 1
+        if calls["render"] in fail_on:
+            raise RuntimeError(f"JavascriptError: ReferenceError: {message}")
+        return PNG_MAGIC + b"fake"
+
+    monkeypatch.setattr(export, "_render", flaky)
+    out = export.write_figures(two_figures(), tmp_path, formats=("png",))
+    assert [p.read_bytes() for ps in out.values() for p in ps] == [PNG_MAGIC + b"fake"] * 2
+    assert calls == {"start": 2, "stop": 2, "render": 3}  # one restart, the failed image rendered again
+    monkeypatch.setattr(export, "_render", lambda *a: flaky(*a, fail_on=(4, 5)))  # fails again after the restart
+    with pytest.raises(RuntimeError, match="kaleido_scopes"):
+        export.write_figures(two_figures(), tmp_path / "again", formats=("png",))
+    assert calls["stop"] == calls["start"] == 4  # the server it started is stopped even so
+    monkeypatch.setattr(export, "_render", lambda *a: flaky(*a, fail_on=(6,), message="x is not defined"))
+    with pytest.raises(RuntimeError, match="x is not defined"):  # any other error: no retry
+        export.write_figures(two_figures(), tmp_path / "other", formats=("png",))
+    assert calls["render"] == 6 and calls["start"] == 5
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_write_figures_browser_that_fails_to_start(tmp_path, monkeypatch):
+    """kaleido's server thread dies when the browser does not start; we warn instead of waiting forever."""
+    monkeypatch.setenv("BROWSER_PATH", "/bin/false")
+    if not export.png_available()[0]:
+        pytest.skip("kaleido missing")
+    with pytest.warns(export.PngUnavailableWarning, match="failed to start"):
+        out = export.write_figures({"v": figures.vocab_readout(make_vocab(), 0)}, tmp_path)
+    assert [p.name for p in out["v"]] == ["v.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plotly.min.js", "v.html"]
