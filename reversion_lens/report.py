@@ -120,9 +120,12 @@ def build_figures(results: str | os.PathLike) -> dict[str, Any]:
     figs: dict[str, Any] = {
         "alignment_heatmap": figures.alignment_heatmap(traj),
         "alignment_curves": figures.alignment_curves(traj, layer=layer),
-        "ablation_summary": figures.ablation_summary(runs_table(traj, layer)),
-        "harm_vs_alignment": figures.harm_vs_alignment(traj, layer=layer),
     }
+    if traj.harmful_rate.notna().any():  # a setting (or a config) without harmful evaluation prompts has none
+        figs["ablation_summary"] = figures.ablation_summary(runs_table(traj, layer))
+        both = traj[(traj.layer == layer) & traj.harmful_rate.notna() & traj.cos.notna()]
+        if len(both) >= 3:
+            figs["harm_vs_alignment"] = figures.harm_vs_alignment(traj, layer=layer)
     obs = traj[(traj.arm == "none") & (traj.layer == layer) & traj.cos.notna() & (traj.step > 0)]
     if len(obs):
         figs["null_comparison"] = figures.null_comparison(obs, d_model=d_model, label="isotropic")

@@ -110,7 +110,7 @@ class HFConfig:
     heldout: Source | None = None  # benign prompt/response pairs: task loss and accuracy
     chat: str | bool = "auto"  # wrap prompts in the tokenizer's chat template: auto | true | false
     system: str | None = None  # system prompt (chat templates only)
-    judge: str = "refusal"  # refusal (refusal-phrase judge) or package.module:callable(prompt, response) -> harmful
+    judge: str = "refusal"  # refusal (phrases) | classifier:FOLDER | llm:MODEL | package.module:name
     max_new_tokens: int = 48  # generation budget per evaluated response
     lr: float = 1e-5  # fine-tuning learning rate
     batch_size: int = 8  # fine-tuning examples per step

@@ -49,8 +49,10 @@ class HFSetting:
         self.n_layers: int | None = None if sig is None else int(sig["n_layers"])
         self.device = str(self.specs["base"].resolved_device() or "cpu")
         self.cache = Path(config.resolved_cache_dir()) / "hf"
-        if self.hf.judge != "refusal" and ":" not in self.hf.judge:
-            raise ConfigError(f"[hf] judge {self.hf.judge!r}: use 'refusal' or 'package.module:callable'.")
+        from .evaluate import check_judge
+
+        check_judge(self.hf.judge)
+        _check_sources(self.hf)
 
     def history_id(self, seed: int) -> str:
         """The same for every seed: the checkpoints, probes and site (so seeds share one preparation)."""
@@ -62,6 +64,19 @@ class HFSetting:
 
     def history(self, seed: int) -> "HFHistory":
         return HFHistory(self, seed)
+
+
+def _check_sources(hf: HFConfig) -> None:
+    """Every local data file exists (before any model loads)."""
+    from ..errors import SpecError
+
+    sources = [(k, getattr(hf, k)) for k in ("probes", "finetune", "rehearsal", "eval_harmful", "eval_benign", "heldout")]
+    if hf.align is not None:
+        sources.append(("align.data", hf.align.data))
+    for name, src in sources:
+        if src is not None and not src.path.startswith("hf:") and not Path(src.path).expanduser().is_file():
+            raise SpecError(f"[hf] {name}: {src.path}: no such file. Give a .txt, .jsonl, .json or .csv file, "
+                            "hf:OWNER/NAME or harmbench:test.")  # fmt: skip
 
 
 class HFHistory:
