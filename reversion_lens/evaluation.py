@@ -33,7 +33,8 @@ from .responses import (
     harmfulness,
     save_responses,
 )
-from .training import Batch, eval_mode, shifted_labels
+from .data import Batch, next_token_scores
+from .hooks import eval_mode
 
 __all__ = [
     "REFUSAL_PREFIXES",
@@ -67,20 +68,12 @@ def heldout_loss(model: Any, data: Any, n_batches: int | None = None, *, first: 
     iterable of :class:`~reversion_lens.training.Batch`. Returns ``{"loss", "accuracy", "n_tokens"}``.
     """
     device = next(model.parameters()).device
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = 0
-    count = 0
+    total_loss, correct, count = 0.0, 0, 0
     with eval_mode(model):
         for batch in _batches(data, n_batches, first):
-            logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device))[:, :-1].float()
-            labels = shifted_labels(batch, device)
-            keep = labels != -100
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total_loss += ce.double().cpu()
-            correct += int((logits.argmax(-1) == labels)[keep].sum())
-            count += int(keep.sum())
+            logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device))
+            ce, right, n = next_token_scores(logits, batch)
+            total_loss, correct, count = total_loss + ce, correct + right, count + n
     if count == 0:
         raise ShapeError("no target tokens in the held-out batches (every loss_mask is 0); check the data.")
     return {"loss": float(total_loss) / count, "accuracy": correct / count, "n_tokens": count}

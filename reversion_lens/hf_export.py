@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import SpecError
+from .models import hf_module_name
 
 __all__ = ["hf_state_dict", "is_hf_bridge", "save_hf"]
 
@@ -54,10 +55,6 @@ def _require_hf_bridge(model: Any) -> None:
         f"save_hf exports a TransformerBridge booted from a Hugging Face model (boot_transformers); got "
         f"{type(model).__name__}."
     )
-
-
-def _strip(path: str) -> str:
-    return path.replace("._original_component", "").removeprefix("_original_component.")
 
 
 def _is_lora(module: torch.nn.Module) -> bool:
@@ -197,13 +194,13 @@ def hf_state_dict(model: Any) -> tuple[Any, dict[str, Tensor]]:
     config = _export_config(model)
     state: dict[str, Tensor] = {}
     for k, v in orig.state_dict().items():
-        state.setdefault(_strip(k), v)
+        state.setdefault(hf_module_name(k), v)
     for path, mod in orig.named_modules(remove_duplicate=False):
         if _is_lora(mod):
             w, b = _effective(mod)
-            state[f"{_strip(path)}.weight"] = w
+            state[f"{hf_module_name(path)}.weight"] = w
             if b is not None:
-                state[f"{_strip(path)}.bias"] = b
+                state[f"{hf_module_name(path)}.bias"] = b
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import (
         JointQKVAttentionBridge,
     )
@@ -213,9 +210,9 @@ def hf_state_dict(model: Any) -> tuple[Any, dict[str, Tensor]]:
         if isinstance(mod, JointQKVAttentionBridge) and id(mod) not in done:
             done.add(id(mod))
             qkv_name, w, b = _rebuild_fused_qkv(mod)
-            state[f"{_strip(path)}.{qkv_name}.weight"] = w
+            state[f"{hf_module_name(path)}.{qkv_name}.weight"] = w
             if b is not None:
-                state[f"{_strip(path)}.{qkv_name}.bias"] = b
+                state[f"{hf_module_name(path)}.{qkv_name}.bias"] = b
     with torch.device("meta"):
         meta = type(orig)(config)
     keys = set(meta.state_dict())

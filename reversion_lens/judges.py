@@ -12,7 +12,7 @@ Any object with those two methods is a judge. Every judge here is also the older
 (harm from the callable, refusal from the phrase rules). Judges: :class:`PhraseJudge` (the default,
 below), :class:`FunctionJudge` (your per-pair functions), and the model judges of
 :mod:`reversion_lens.model_judges` (a Hugging Face classifier, or an LLM answering Yes/No);
-:func:`parse_judge` builds any of them from one string (CLI, TOML).
+:func:`reversion_lens.model_judges.parse_judge` builds any of them from one string (CLI, TOML).
 
 The phrase rules (:func:`is_refusal`) read the response's first sentence (up to the first ``.``, ``!``
 or ``?`` followed by a space, or a line break; 300 characters at most), after dropping leading
@@ -36,7 +36,6 @@ The lists are plain module-level lists, read at call time: edit them, or pass yo
 """
 
 import functools
-import importlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -54,7 +53,6 @@ __all__ = [
     "PhraseJudge",
     "as_judge",
     "is_refusal",
-    "parse_judge",
     "refusal_judge",
 ]
 
@@ -286,37 +284,3 @@ def as_judge(judge: Any) -> Judge:
         f"a judge must have refused(prompts, responses) and harmful(prompts, responses), or be a function "
         f"(prompt, response) -> bool; got a {type(judge).__name__}."
     )
-
-
-def parse_judge(text: str, **options: Any) -> Judge:
-    """A judge from one string, for the command line and TOML configs.
-
-    ``refusal`` (or ``phrases``): :data:`refusal_judge`; ``classifier:FOLDER``: a
-    :class:`~reversion_lens.model_judges.ClassifierJudge`; ``llm:SPEC``: an
-    :class:`~reversion_lens.model_judges.LLMJudge` (a folder or any model spec); ``package.module:name``:
-    that object (a judge, or a function ``(prompt, response) -> bool`` for harm). ``options`` go to the
-    model judge's constructor. ``classifier`` and ``llm`` are reserved: a module of that name cannot be named.
-    """
-    if text in ("refusal", "phrases"):
-        if options:
-            raise ConfigError(f"the {text!r} judge takes no options, got {sorted(options)}.")
-        return refusal_judge
-    head, sep, rest = text.partition(":")
-    if sep and head in ("classifier", "llm") and rest:
-        from .model_judges import ClassifierJudge, LLMJudge
-
-        return ClassifierJudge(rest, **options) if head == "classifier" else LLMJudge(rest, **options)
-    if not sep or not head or not rest:
-        raise ConfigError(
-            f"judge {text!r}: use 'refusal', 'classifier:FOLDER', 'llm:MODEL' or 'package.module:name' "
-            "(a judge, or a function (prompt, response) -> bool)."
-        )
-    try:
-        obj: Any = importlib.import_module(head)
-        for part in rest.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(
-            f"judge {text!r}: cannot import it ({type(e).__name__}: {e}); check the module is on PYTHONPATH."
-        ) from e
-    return as_judge(obj)

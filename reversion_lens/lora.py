@@ -46,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .errors import ConfigError, ShapeError, SpecError
+from .models import hf_module_name
 
 __all__ = [
     "LoraWriter",
@@ -335,7 +336,6 @@ def merge_lora(model: Any) -> Any:
 
 def _hf_paths(model: Any) -> dict[int, str]:
     """``{id(LoRA layer): Hugging Face module path}`` for adapters on modules the Hugging Face model has."""
-    from .hf_export import _strip
 
     orig = model.original_model
     config = orig.config
@@ -344,8 +344,8 @@ def _hf_paths(model: Any) -> dict[int, str]:
     ids = {id(m) for m in lora_layers(model).values()}
     out: dict[int, str] = {}
     for path, mod in orig.named_modules(remove_duplicate=False):
-        if id(mod) in ids and f"{_strip(path)}.weight" in keys:
-            out.setdefault(id(mod), _strip(path))
+        if id(mod) in ids and f"{hf_module_name(path)}.weight" in keys:
+            out.setdefault(id(mod), hf_module_name(path))
     return out
 
 

@@ -61,6 +61,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def hf_module_name(path: str) -> str:
+    """The Hugging Face name of a bridge's module or parameter path (``_original_component`` segments dropped)."""
+    return path.replace("._original_component", "").removeprefix("_original_component.")
+
+
 def parse_dtype(dtype: "str | torch.dtype | None") -> torch.dtype | None:
     """``"bfloat16"``, ``"bf16"``, ``"torch.float16"``, a ``torch.dtype`` or ``None`` -> ``torch.dtype | None``."""
     if dtype is None or isinstance(dtype, torch.dtype):

@@ -31,7 +31,8 @@ from typing import Any
 from .errors import ConfigError
 from .judges import as_judge, refusal_judge
 from .probes import ProbeSet
-from .training import eval_mode
+from .data import pad_token_id
+from .hooks import eval_mode
 
 __all__ = [
     "KINDS",
@@ -218,7 +219,7 @@ def evaluate_responses(
     if stop_token is None and tok is not None:
         stop_token = tok.eos_token_id
     if pad_id is None:
-        pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        pad_id = pad_token_id(tok)
     records: list[ResponseRecord] = []
     for kind, probes in sets:
         with eval_mode(model):

@@ -27,7 +27,7 @@ import torch
 from .errors import ProbeError
 from .probes import ProbeSet, pad_sequences
 from .sources import Example, parse_where, read_examples, read_prompts
-from .training import Batch
+from .data import Batch, pad_token_id
 
 __all__ = [
     "Example",
@@ -123,13 +123,6 @@ def encode_prompt(model: Any, prompt: str, *, chat: bool | str = "auto", system:
     return list(ids)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id or 0
-    return int(pad)
-
-
 def text_probes(
     model: Any,
     prompts: Sequence[str],
@@ -150,7 +143,7 @@ def text_probes(
         raise ProbeError("the probe set is empty; give at least one prompt string.")
     seqs = [encode_prompt(model, p, chat=chat, system=system) for p in prompts]
     return ProbeSet.from_tokens(
-        seqs, pad_id=_pad_id(_tokenizer(model)), padding_side=padding_side, read=read, span=span, name=name,
+        seqs, pad_id=pad_token_id(_tokenizer(model)), padding_side=padding_side, read=read, span=span, name=name,
         texts=list(prompts),
     )
 
@@ -231,7 +224,7 @@ class TextBatchSource:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.chat = use_chat(model, chat)
-        self.pad_id = _pad_id(_tokenizer(model))
+        self.pad_id = pad_token_id(_tokenizer(model))
         self._encoded = [encode_example(model, ex, chat=self.chat, system=system, max_len=max_len) for ex in self.examples]
 
     def __len__(self) -> int:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .data import Batch, BatchSource, next_token_loss, shifted_labels
 from .errors import ConfigError, NonFiniteError
 from .hooks import active_interventions, eval_mode, kept_modes, paused
 from .io import FileLock, environment, load_tensors, read_json, save_tensors, write_json
@@ -60,19 +61,6 @@ __all__ = [
     "eval_mode",
     "finetune",
 ]
-
-
-class Batch(NamedTuple):
-    """One training batch. ``loss_mask[b, t] = 1`` when token ``t`` is a target (predicted from ``t-1``)."""
-
-    tokens: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    loss_mask: Int[Tensor, "batch pos"]
-
-
-@runtime_checkable
-class BatchSource(Protocol):
-    def batch(self, step: int) -> Batch: ...
 
 
 @dataclass(frozen=True)
@@ -112,26 +100,13 @@ def lr_at(cfg: OptimConfig, step: int, total: int) -> float:
     return cfg.lr
 
 
-def shifted_labels(batch: Batch, device: torch.device | str = "cpu") -> Int[Tensor, "batch pos_minus_1"]:
-    """Next-token labels for positions ``0..T-2``: ``tokens[:, 1:]`` with ``-100`` where ``loss_mask`` is 0."""
-    toks = batch.tokens.to(device)
-    return toks[:, 1:].masked_fill(batch.loss_mask[:, 1:].to(device) == 0, -100)
-
-
 def lm_loss(model: Any, batch: Batch) -> Tensor:
     """Mean next-token cross-entropy over target tokens (``loss_mask``), padding ignored.
 
-    ``F.cross_entropy`` on the logits with shifted labels avoids the full ``log_softmax`` tensor that
-    ``return_type="loss"`` materialises (PERFORMANCE.md).
+    (:func:`reversion_lens.data.next_token_loss` of the model's logits.)
     """
     device = next(model.parameters()).device
     return next_token_loss(model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device)), batch)
-
-
-def next_token_loss(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Tensor:
-    """Mean cross-entropy of ``logits`` (however computed) against ``batch``'s shifted target tokens."""
-    labels = shifted_labels(batch, logits.device)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
 def tracking_steps(steps: int) -> tuple[int, ...]:

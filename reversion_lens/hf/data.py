@@ -5,7 +5,7 @@ from typing import Any
 import torch
 
 from ..probes import pad_sequences
-from ..training import Batch
+from ..data import Batch
 from .config import Source
 
 __all__ = ["read_prompts_from", "read_examples_from", "MixedBatchSource"]

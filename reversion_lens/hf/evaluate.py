@@ -23,7 +23,7 @@ def make_evaluator(hf: Any, text_model: Any) -> Any:
     """``evaluate(model) -> {rates..., task_loss, task_accuracy, "responses": [...]}`` for an
     :class:`~reversion_lens.hf.config.HFConfig`'s evaluation sets, tokenised with ``text_model``."""
     from ..evaluation import heldout_loss
-    from ..judges import parse_judge
+    from ..model_judges import parse_judge
     from ..responses import evaluate_responses
     from ..text import TextBatchSource, text_probes
     from .data import read_examples_from, read_prompts_from

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..training import Batch, lm_loss, next_token_loss
+from ..data import Batch, next_token_loss
+from ..training import lm_loss
 
 __all__ = ["supports_fused", "fused_logits", "fused_lm_loss"]
 
