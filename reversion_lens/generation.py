@@ -5,26 +5,35 @@ column and new tokens append on the right. With an attention mask, TransformerLe
 position ids from the mask, so a left-padded row sees exactly what it would see alone
 (TL4_GUIDE section 4).
 
-Two decoders give the same tokens:
+Three decoders give the same tokens (tests/test_generation.py checks each against ``transformers``' greedy
+``generate`` on left-padded batches of the families in :data:`CACHE_VERIFIED_FAMILIES`):
 
-* **no cache**: every step reruns the whole sequence (quadratic; any TransformerLens model).
-* **KV cache**: one prompt forward, then one forward of the single new token per step through the bridge
-  (``past_key_values=`` / ``return_type="logits_and_cache"``), so every hook point still fires on every
-  new token's forward. TransformerLens 4.3's own cache path is wrong with transformers 5.24: the decoder
-  layers hand the cache to attention as ``cache=`` and the bridge's reconstructed attention only reads
-  ``past_key_values=`` / ``layer_past=``, so nothing is written to the cache and each new token attends to
-  itself alone (GPT-2 and Llama; GPT-NeoX still passes ``layer_past=``). While the cached decoder runs, a
-  forward pre-hook on each attention bridge passes the cache under the name the bridge reads; it is
-  removed afterwards. Checked token for token against ``transformers``' greedy ``generate`` on left-padded
-  batches for the families in :data:`CACHE_VERIFIED_FAMILIES` (tests/test_generation.py).
+* **no cache**: every step reruns the whole sequence through the model (quadratic; any TransformerLens model).
+* **KV cache through the bridge**: one prompt forward, then one forward of the single new token per step
+  through the bridge (``past_key_values=`` / ``return_type="logits_and_cache"``), so every hook point fires
+  on every new token's forward. TransformerLens 4.3's own cache path is wrong with transformers 5.24: the
+  decoder layers hand the cache to attention as ``cache=`` and the bridge's reconstructed attention only
+  reads ``past_key_values=`` / ``layer_past=``, so nothing is written to the cache and each new token attends
+  to itself alone (GPT-2 and Llama; GPT-NeoX still passes ``layer_past=``). While this decoder runs, a forward
+  pre-hook on each attention bridge passes the cache under the name the bridge reads (removed afterwards).
+* **KV cache through transformers** (the fast path, used when the only forward hooks on the bridge are at
+  ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post``, i.e. ``hook_in`` / ``hook_out``, and it is not in
+  compatibility mode): a plain transformers model of the same class that *shares* the bridge's parameter
+  tensors (no copy) runs with its own cache, and each decoder layer's input and output go through the bridge's
+  own ``hook_in`` / ``hook_out`` hook points, so interventions there (ablation, added directions, mean
+  clamps) act on every new token. The bridge's components add Python overhead at every layer (about 2x a
+  transformers decoder layer per token at batch 1); this path does not.
 
-Hooks (interventions, ``model.hooks(...)``) see only the new token's activations, ``[batch, 1, d_model]``,
-at each cached step; hooks that act per position (projection, adding a direction) give the same tokens with
-or without the cache. A hook that indexes absolute positions or reads the whole sequence needs ``cache=False``.
+Hooks see only the new token's activations, ``[batch, 1, d_model]``, at each cached step; hooks that act per
+position (projection, adding a direction) give the same tokens with or without the cache. A hook that indexes
+absolute positions or reads the whole sequence needs ``cache=False``.
 """
 
 import contextlib
+import copy
+import functools
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -155,25 +164,32 @@ def greedy_generate(
             f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
             f"context of {n_ctx}; lower max_new_tokens or shorten the prompts."
         )
-    use_cache = _resolve_cache(model, cache)
-    decode = _cached_batch if use_cache else _generate_batch
+    plan = _plan(model, cache)
     device = next(model.parameters()).device
+    if plan == "none":
+        run: Any = functools.partial(_generate_batch, model)
+        context: Any = contextlib.nullcontext()
+    elif plan == "bridge":
+        run, context = functools.partial(_cached_batch, _bridge_step(model)), _cache_alias(model)
+    else:
+        run, context = functools.partial(_cached_batch, _shadow_step(_shadow(model))), _quiet_cache_kwarg()
     out: list[list[int]] = []
-    with _cache_alias(model) if use_cache else contextlib.nullcontext():
+    with context:
         for start in range(0, len(prompts), batch_size):
-            out.extend(decode(model, prompts[start : start + batch_size], max_new_tokens, stop_token, pad_id, device))
+            out.extend(run(prompts[start : start + batch_size], max_new_tokens, stop_token, pad_id, device))
     return out
 
 
-def _resolve_cache(model: Any, cache: bool | None) -> bool:
+def _plan(model: Any, cache: bool | None) -> str:
+    """Which decoder runs: ``"none"`` (no cache), ``"bridge"`` or ``"transformers"`` (the fast path)."""
     if cache is False:
-        return False
-    if cache is None:
-        return cache_support(model)[0]
+        return "none"
+    if cache is None and not cache_support(model)[0]:
+        return "none"
     blocker = _cache_blocker(model)
     if blocker is not None:
         raise ConfigError(f"cache=True but {blocker}; pass cache=None (automatic) or cache=False.")
-    return True
+    return "transformers" if _fast_path_blocker(model) is None else "bridge"
 
 
 def _stop_rows(rows: list[list[int]], stop: int | None) -> list[list[int]]:
@@ -205,12 +221,12 @@ def _generate_batch(
 
 
 def _cached_batch(
-    model: Any, prompts: Sequence[list[int]], max_new: int, stop: int | None, pad_id: int, device: torch.device
+    step: Any, prompts: Sequence[list[int]], max_new: int, stop: int | None, pad_id: int, device: torch.device
 ) -> list[list[int]]:
-    """KV cache: one prompt forward, then one single-token forward per new token, all through the bridge.
+    """KV cache: one prompt forward, then one single-token forward per new token.
 
-    The bridge derives each row's position ids from the (growing) mask, so left-padded rows get the
-    positions they would have alone; the mask covers the cached columns as well as the new one.
+    ``step(tokens, mask, past)`` returns ``(last-position logits [batch, vocab], past)``; ``mask`` covers the
+    cached columns as well as the new ones, so left-padded rows get the positions they would have alone.
     Finished rows keep running (their extra tokens are dropped), as in the no-cache decoder.
     """
     if max_new == 0:
@@ -219,19 +235,183 @@ def _cached_batch(
     toks, mask = toks.to(device), mask.to(device)
     new: list[Tensor] = []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logits, past = model(toks, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
-    for step in range(max_new):
-        nxt = logits[:, -1].argmax(-1)
+    logits, past = step(toks, mask, None)
+    for i in range(max_new):
+        nxt = logits.argmax(-1)
         new.append(nxt)
         if stop is not None:
             done |= nxt == stop
             if bool(done.all()):
                 break
-        if step == max_new - 1:
+        if i == max_new - 1:
             break
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
-        logits, past = model(nxt[:, None], attention_mask=mask, return_type="logits_and_cache", past_key_values=past)
+        logits, past = step(nxt[:, None], mask, past)
     return _stop_rows(torch.stack(new, 1).tolist(), stop)
+
+
+def _bridge_step(model: Any) -> Any:
+    """One cached forward through the bridge (it derives position ids from the mask)."""
+
+    def step(toks: Tensor, mask: Tensor, past: Any) -> tuple[Tensor, Any]:
+        if past is None:
+            logits, past = model(toks, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+        else:
+            logits, past = model(toks, attention_mask=mask, return_type="logits_and_cache", past_key_values=past)
+        return logits[:, -1], past
+
+    return step
+
+
+def _shadow_step(shadow: torch.nn.Module) -> Any:
+    """One cached forward through the plain transformers model; position ids from the mask, as ``generate``."""
+
+    def step(toks: Tensor, mask: Tensor, past: Any) -> tuple[Tensor, Any]:
+        positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)[:, -toks.shape[1] :]
+        out = shadow(input_ids=toks, attention_mask=mask, position_ids=positions, past_key_values=past,
+                     use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1], out.past_key_values
+
+    return step
+
+
+# ------------------------------------------------------------------ the fast path: a plain transformers twin
+_SHADOWS: "weakref.WeakKeyDictionary[Any, tuple[torch.nn.Module, list[tuple[Tensor, Tensor]]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+# Hooks that TransformerLens and transformers install on the wrapped model themselves (wired at the first
+# forward): they capture outputs for ``output_hidden_states`` or feed hook points (``hook_mlp_in``, the
+# split-qkv inputs) whose own hooks are checked separately. Any other forward hook sends decoding through the
+# bridge: an unknown hook costs speed, never correctness.
+_INTERNAL_HOOKS = frozenset({
+    "install_output_capuring_hook.<locals>.output_capturing_hook",
+    "BlockBridge._maybe_wire_capture_hooks.<locals>._capture_pre_ln1",
+    "BlockBridge._maybe_wire_capture_hooks.<locals>._capture_mlp_in",
+})  # fmt: skip
+
+
+def _fast_path_blocker(model: Any) -> str | None:
+    """Why the transformers twin cannot stand in for the bridge (``None``: it can)."""
+    if getattr(model, "compatibility_mode", False):
+        return "compatibility mode (processed weights)"
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return "no blocks"
+    allowed = {id(b.hook_in) for b in blocks} | {id(b.hook_out) for b in blocks}
+    for name, module in model.named_modules():
+        if id(module) in allowed:
+            continue
+        for fn in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
+            if getattr(fn, "__qualname__", "") not in _INTERNAL_HOOKS:
+                return f"a forward hook on {name or 'the model'}"
+    try:
+        _shadow(model)
+    except _NoShadow as e:
+        return str(e)
+    return None
+
+
+class _NoShadow(Exception):
+    pass
+
+
+def _bridge_tensors(hf: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The wrapped model's parameters and buffers under plain transformers names (first occurrence wins)."""
+    params: dict[str, Tensor] = {}
+    buffers: dict[str, Tensor] = {}
+    for key, t in hf.named_parameters(remove_duplicate=False):
+        params.setdefault(key.replace("._original_component", ""), t)
+    for key, t in hf.named_buffers(remove_duplicate=False):
+        buffers.setdefault(key.replace("._original_component", ""), t)
+    return params, buffers
+
+
+def _shadow(model: Any) -> torch.nn.Module:
+    """The transformers twin of ``model`` (built once, rebuilt when the bridge's tensors were replaced)."""
+    hf = _hf_model(model)
+    cached = _SHADOWS.get(model)
+    if cached is not None:
+        shadow, pairs = cached
+        params, buffers = _bridge_tensors(hf)
+        current = {**params, **buffers}
+        if all(name in current and current[name] is t for name, t in pairs):
+            shadow.train(model.training)
+            return shadow
+    shadow, pairs = _build_shadow(model, hf)
+    _SHADOWS[model] = (shadow, pairs)
+    shadow.train(model.training)
+    return shadow
+
+
+def _build_shadow(model: Any, hf: torch.nn.Module) -> tuple[torch.nn.Module, list[tuple[str, Tensor]]]:
+    config = copy.deepcopy(hf.config)
+    config._attn_implementation = "sdpa"  # what transformers' generate uses; the bridge runs eager
+    try:
+        with torch.device("meta"):
+            shadow = type(hf)(config)
+    except (TypeError, ValueError, AttributeError, RuntimeError, ImportError) as e:  # not rebuildable
+        raise _NoShadow(f"{type(hf).__name__} could not be rebuilt from its config ({e})") from None
+    params, buffers = _bridge_tensors(hf)
+    missing = shadow.load_state_dict(params, strict=False, assign=True).missing_keys
+    own_buffers = dict(shadow.named_buffers())
+    for name, t in buffers.items():
+        path, _, leaf = name.rpartition(".")
+        try:
+            module = shadow.get_submodule(path)
+        except AttributeError:
+            raise _NoShadow(f"the bridge holds a buffer {name!r} that {type(hf).__name__} has no module for") from None
+        if name not in own_buffers and module._parameters.get(leaf, 0) is None:
+            del module._parameters[leaf]  # e.g. the bridge's unembedding bias on a bias-free lm_head
+        module.register_buffer(leaf, t, persistent=False)
+    left = missing + [n for n, t in [*shadow.named_parameters(), *shadow.named_buffers()] if t.is_meta]
+    if left:
+        raise _NoShadow(f"the bridge has no tensor for {sorted(set(left))[:3]} of {type(hf).__name__}")
+    layers = _decoder_layers(model, shadow)
+    for layer, block in zip(layers, model.blocks):
+        layer.register_forward_pre_hook(_input_hook(block.hook_in), with_kwargs=True)
+        layer.register_forward_hook(_output_hook(block.hook_out))
+    names = [n for n, _ in shadow.named_parameters(remove_duplicate=False)] + [n for n, _ in shadow.named_buffers()]
+    flat = {**dict(shadow.named_parameters(remove_duplicate=False)), **dict(shadow.named_buffers())}
+    return shadow.eval(), [(n, flat[n]) for n in names]
+
+
+def _decoder_layers(model: Any, shadow: torch.nn.Module) -> torch.nn.ModuleList:
+    path = getattr(getattr(model, "adapter", None), "component_mapping", {}).get("blocks")
+    try:
+        layers = shadow.get_submodule(path.name)
+    except (AttributeError, TypeError):
+        raise _NoShadow("the bridge's blocks map to no module list of the transformers model") from None
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != len(model.blocks):
+        raise _NoShadow(f"{path.name} does not hold one layer per bridge block")
+    return layers
+
+
+def _input_hook(hook_in: torch.nn.Module) -> Any:
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        if args:
+            return (hook_in(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hook_in(kwargs["hidden_states"])}
+
+    return pre
+
+
+def _output_hook(hook_out: torch.nn.Module) -> Any:
+    def post(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (hook_out(output[0]), *output[1:])
+        return hook_out(output)
+
+    return post
+
+
+@contextlib.contextmanager
+def _quiet_cache_kwarg() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # ``past_key_values=`` works on every transformers version; 5.24 renamed it ``cache=`` and warns.
+        warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+        yield
 
 
 def _alias_cache_kwarg(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
@@ -252,9 +432,7 @@ def _cache_alias(model: Any) -> Iterator[None]:
         for module in model.modules():
             if isinstance(module, AttentionBridge):
                 handles.append(module.register_forward_pre_hook(_alias_cache_kwarg, with_kwargs=True))
-        with warnings.catch_warnings():
-            # The bridge's documented entry point is ``past_key_values=``; transformers 5.24 renamed it ``cache=``.
-            warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+        with _quiet_cache_kwarg():
             yield
     finally:
         for handle in handles:

@@ -142,10 +142,19 @@ def seen_lengths(model, call):
     return result, lengths
 
 
+def noop(x, hook):
+    return None
+
+
+# A forward hook inside a block (not at resid_pre/post): the cached decoder must go through the bridge.
+INSIDE = [("blocks.0.mlp.hook_out", noop)]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_equals_no_cache_equals_transformers(hf_models, prompts, arch):
     bridge, hf, _ = hf_models[arch]
     assert cache_support(bridge) == (True, hf.config.model_type)
+    assert generation._plan(bridge, None) == "transformers"
     expected = hf_greedy(hf, prompts, MAX_NEW)
     toks, mask = pad_sequences(prompts, 0, "right")  # either side in; re-padded on the left inside
     width = toks.shape[1]
@@ -154,6 +163,10 @@ def test_cached_equals_no_cache_equals_transformers(hf_models, prompts, arch):
     assert cached == expected
     split, lengths = seen_lengths(bridge, lambda: greedy_generate(bridge, toks, mask, MAX_NEW, batch_size=3))
     assert split == expected and lengths.count(1) == 3 * (MAX_NEW - 1)  # automatic = cached, 3 batches
+    with bridge.hooks(fwd_hooks=INSIDE):
+        assert generation._plan(bridge, None) == "bridge"
+        through_bridge, lengths = seen_lengths(bridge, lambda: greedy_generate(bridge, toks, mask, MAX_NEW))
+    assert through_bridge == expected and lengths == [width] + [1] * (MAX_NEW - 1)
     plain, lengths = seen_lengths(bridge, lambda: greedy_generate(bridge, toks, mask, MAX_NEW, cache=False))
     assert plain == expected and 1 not in lengths
     assert len({tuple(r) for r in expected}) > 1 and all(len(r) == MAX_NEW for r in expected)
@@ -171,6 +184,8 @@ def test_stop_token_per_row_with_cache(hf_models, prompts, arch):
     toks, mask = pad_sequences(prompts, 0, "left")
     for cache in (True, False):
         assert greedy_generate(bridge, toks, mask, MAX_NEW, stop_token=stop, cache=cache) == expected
+    with bridge.hooks(fwd_hooks=INSIDE):  # the cached decoder through the bridge
+        assert greedy_generate(bridge, toks, mask, MAX_NEW, stop_token=stop) == expected
     # A batch in which every row stops: decoding ends early and each row keeps its stop token.
     early = [p for p, r in zip(prompts, expected) if r[-1] == stop]
     et, em = pad_sequences(early, 0, "left")
@@ -191,26 +206,66 @@ def test_interventions_act_on_every_cached_token(hf_models, prompts, arch):
     toks, mask = pad_sequences(prompts, 0, "left")
     unhooked = hf_greedy(hf, prompts, MAX_NEW)
     v = random_direction(bridge, seed=11)
+    L = bridge.cfg.n_layers
 
     def decode(cache):
         return seen_lengths(bridge, lambda: greedy_generate(bridge, toks, mask, MAX_NEW, cache=cache))
 
-    # ablate: projection at resid_post (the direction's site) and resid_pre of every layer
-    with block(bridge, v, mode="ablate", sites=["resid_pre", "resid_post"]):
-        (cached, lengths), (plain, _) = decode(True), decode(False)
-    assert lengths == [toks.shape[1]] + [1] * (MAX_NEW - 1)
-    assert cached == plain and cached != unhooked
-
-    # steering: add a scaled direction to resid_post of every layer
     def add(x, hook):
         return x + 3.0 * v[int(hook.name.split(".")[1])].to(x.dtype)
 
-    steer = [(f"blocks.{l}.hook_resid_post", add) for l in range(bridge.cfg.n_layers)]
-    with bridge.hooks(fwd_hooks=steer):
-        cached = greedy_generate(bridge, toks, mask, MAX_NEW, cache=True)
-        plain = greedy_generate(bridge, toks, mask, MAX_NEW, cache=False)
-    assert cached == plain and cached != unhooked
-    assert greedy_generate(bridge, toks, mask, MAX_NEW, cache=True) == unhooked  # every hook removed
+    # ablate (projection at resid_pre and resid_post of every layer) and steering (a direction added to
+    # resid_post, or inside each block at the MLP output), each with the cache and without it
+    cases = {
+        "ablate": (lambda: block(bridge, v, mode="ablate", sites=["resid_pre", "resid_post"]), "transformers"),
+        "steer resid_post": (lambda: bridge.hooks(fwd_hooks=[(f"blocks.{l}.hook_resid_post", add) for l in range(L)]),
+                             "transformers"),
+        "steer mlp_out": (lambda: bridge.hooks(fwd_hooks=[(f"blocks.{l}.mlp.hook_out", add) for l in range(L)]),
+                          "bridge"),
+    }  # fmt: skip
+    for name, (attach, plan) in cases.items():
+        with attach():
+            assert generation._plan(bridge, None) == plan, (name, generation._fast_path_blocker(bridge))
+            (cached, lengths), (plain, _) = decode(None), decode(False)
+        assert lengths == [toks.shape[1]] + [1] * (MAX_NEW - 1), name
+        assert cached == plain and cached != unhooked, name
+    # a plain PyTorch hook on a bridge submodule (not a hook point) is honoured too: through the bridge
+    handle = bridge.blocks[1].mlp.register_forward_hook(lambda module, args, out: out + 3.0 * v[1].to(out.dtype))
+    try:
+        blocker = generation._fast_path_blocker(bridge)
+        assert blocker.startswith("a forward hook on blocks.1.") and blocker.endswith("mlp"), blocker
+        (cached, lengths), (plain, _) = decode(None), decode(False)
+    finally:
+        handle.remove()
+    assert lengths == [toks.shape[1]] + [1] * (MAX_NEW - 1) and cached == plain and cached != unhooked
+    assert greedy_generate(bridge, toks, mask, MAX_NEW) == unhooked  # every hook removed
+    assert generation._plan(bridge, None) == "transformers"
+
+
+def test_fast_path_follows_the_bridge_weights(hf_models, prompts):
+    """The transformers twin shares the bridge's tensors: in-place edits (training steps) show at once, and a
+    replaced tensor makes it rebuild; either way its tokens are the no-cache decoder's."""
+    bridge, hf, _ = hf_models["llama"]
+    toks, mask = pad_sequences(prompts, 0, "left")
+    unhooked = hf_greedy(hf, prompts, MAX_NEW)
+    linear = bridge.blocks[1].mlp.out.original_component
+    original = linear.weight
+    saved = original.detach().clone()
+    try:
+        with torch.no_grad():
+            original.mul_(-4.0)
+        edited = greedy_generate(bridge, toks, mask, MAX_NEW, cache=False)
+        assert edited != unhooked
+        assert generation._plan(bridge, None) == "transformers"
+        assert greedy_generate(bridge, toks, mask, MAX_NEW) == edited
+        linear.weight = torch.nn.Parameter(saved * 4.0)  # a new tensor: the twin must not keep the old one
+        replaced = greedy_generate(bridge, toks, mask, MAX_NEW, cache=False)
+        assert replaced != edited and greedy_generate(bridge, toks, mask, MAX_NEW) == replaced
+    finally:
+        linear.weight = original
+        with torch.no_grad():
+            original.copy_(saved)
+    assert greedy_generate(bridge, toks, mask, MAX_NEW) == unhooked
 
 
 def test_per_input_clamp_falls_back_to_no_cache(hf_models, prompts):
@@ -238,7 +293,7 @@ def test_per_input_clamp_falls_back_to_no_cache(hf_models, prompts):
 
 
 def test_unverified_family_decodes_without_cache_unless_forced(hf_models, prompts, monkeypatch):
-    bridge, hf, _ = hf_models["gpt2"]
+    bridge, _, _ = hf_models["gpt2"]
     monkeypatch.setattr(generation, "CACHE_VERIFIED_FAMILIES", frozenset())
     ok, reason = cache_support(bridge)
     assert not ok and "not verified" in reason and "cache=True" in reason
