@@ -32,6 +32,7 @@ absolute positions or reads the whole sequence needs ``cache=False``.
 import contextlib
 import copy
 import functools
+import inspect
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -266,17 +267,21 @@ def _bridge_step(model: Any) -> Any:
 def _shadow_step(shadow: torch.nn.Module) -> Any:
     """One cached forward through the plain transformers model; position ids from the mask, as ``generate``."""
 
+    # Only the last position's logits are needed (what generate asks for at the prompt forward too).
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(shadow.forward).parameters else {}
+
     def step(toks: Tensor, mask: Tensor, past: Any) -> tuple[Tensor, Any]:
         positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)[:, -toks.shape[1] :]
         out = shadow(input_ids=toks, attention_mask=mask, position_ids=positions, past_key_values=past,
-                     use_cache=True, logits_to_keep=1)  # fmt: skip
+                     use_cache=True, **keep)  # fmt: skip
         return out.logits[:, -1], out.past_key_values
 
     return step
 
 
 # ------------------------------------------------------------------ the fast path: a plain transformers twin
-_SHADOWS: "weakref.WeakKeyDictionary[Any, tuple[torch.nn.Module, list[tuple[Tensor, Tensor]]]]" = (
+# bridge -> (its transformers twin, the twin's (name, tensor) pairs: all of them the bridge's own tensors)
+_SHADOWS: "weakref.WeakKeyDictionary[Any, tuple[torch.nn.Module, list[tuple[str, Tensor]]]]" = (
     weakref.WeakKeyDictionary()
 )
 
