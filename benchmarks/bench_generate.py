@@ -12,8 +12,26 @@ each decoder are checked equal to transformers' on the timed batch.
 ``--tiny``: a random-weight Llama with grouped-query attention (tests/hf_fixtures.py, 4 layers, d_model
 128), for a quick check. Goal: the cached decoder >= 0.9x transformers' throughput.
 
-Measured (SmolLM2, this machine: 2 shared cores, torch 2.13 CPU, transformers 5.24, TL 4.3):
-RESULTS_PLACEHOLDER
+Variants: transformers' ``generate`` (baseline); ``greedy_generate`` with its default (the KV cache through a
+transformers twin of the bridge, calling the bridge's resid_pre/resid_post hook points); the same with a
+no-op hook inside a block (``blocks.0.mlp.hook_out``), which sends the cached decoder through the bridge's own
+components; and, at batch 1, the no-cache decoder that was the only one before.
+
+Measured 2026-12-02 on this machine (2 shared cores, load average 6-14 from other jobs, so CPU times moved
+by up to 25% between runs), torch 2.13 CPU, transformers 5.24, TL 4.3, ``--rounds 3``; throughput against
+transformers, median [min-max] of per-round ratios; every decoder's tokens equal transformers' on the batch:
+
+    SmolLM2, 64 new tokens   run 1, batch 1       run 1, batch 16      run 2, batch 1       run 2, batch 16
+    transformers generate    5.80 s = 11.0 tok/s  13.72 s = 74.6 tok/s 5.69 s = 11.3 tok/s  14.00 s = 73.1 tok/s
+    KV cache (default)       0.977 [0.768-1.126]  0.901 [0.877-1.109]  1.204 [1.092-1.249]  1.066 [1.042-1.098]
+    KV cache, bridge         0.637 [0.631-0.833]  0.681 [0.659-0.799]  0.815 [0.769-0.851]  0.704 [0.624-0.705]
+    no cache (before)        0.250 [0.227-0.282]  -                    0.276 [0.237-0.277]  -
+    (the no-cache decoder: 20.9-23.2 s for 64 tokens at batch 1, 0.33-0.36 s per token)
+
+    --tiny (4 layers, d_model 128: Python overhead dominates)   batch 1               batch 16
+    KV cache (default)                                          0.894 [0.894-0.944]   0.911 [0.894-1.170]
+    KV cache through the bridge                                 0.395 [0.361-0.419]   0.494 [0.379-0.520]
+    no cache (before)                                           0.314 [0.269-0.346]   -
 """
 
 import argparse
