@@ -114,16 +114,17 @@ def save_tiny_neox(
 
 def save_tiny_llama(
     folder: str | Path, *, n_layers: int = 3, d_model: int = 32, seed: int = 0, chat: bool = False,
-    tied: bool = True,
+    tied: bool = True, n_positions: int = 64,
 ) -> Path:
     """A random-weight Llama with grouped-query attention (4 query heads, 2 key/value heads), RMSNorm,
-    rotary positions and a gated MLP: SmolLM2's family. ``tied``: tied embeddings, as SmolLM2."""
+    rotary positions and a gated MLP: SmolLM2's family. ``tied``: tied embeddings, as SmolLM2.
+    ``n_positions``: the context (``max_position_embeddings``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer(CHAT_TEMPLATE if chat else None)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=2 * d_model, max_position_embeddings=64, initializer_range=0.2,
+        num_key_value_heads=2, intermediate_size=2 * d_model, max_position_embeddings=n_positions, initializer_range=0.2,
         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     torch.manual_seed(seed)
