@@ -76,11 +76,9 @@ def _hf_model(model: Any) -> Any:
 
 def _blocking_clamps(model: Any) -> list[Any]:
     """Attached, unpaused per-input clamps: they rerun a reference model on each call's full input."""
-    from .interventions import active_interventions
+    from .hooks import active_interventions
 
-    return [
-        iv for iv in active_interventions(model) if getattr(iv, "per_input", False) and not getattr(iv, "_paused", 0)
-    ]
+    return [iv for iv in active_interventions(model) if getattr(iv, "per_input", False) and not iv.is_paused]
 
 
 def _cache_blocker(model: Any) -> str | None:

@@ -115,6 +115,11 @@ class Intervention:
         return self._attached
 
     @property
+    def is_paused(self) -> bool:
+        """Whether the hooks are registered but inert (inside :meth:`paused`)."""
+        return self._paused > 0
+
+    @property
     def hook_count(self) -> int:
         """Hooks this intervention currently holds (on the model; for a per-input clamp also on its reference)."""
         return len(self._handles)
