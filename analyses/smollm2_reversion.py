@@ -118,6 +118,16 @@ def gguf_spec() -> str:
     return f"gguf:{found[0]}"
 
 
+def local_copy(spec: str, folder: Path) -> Path:
+    """The GGUF model dequantized once into a Hugging Face folder (each GGUF load dequantizes again: ~20 s)."""
+    if not (folder / "config.json").exists():
+        from reversion_lens.hf_export import save_hf
+        from reversion_lens.specs import parse_spec
+
+        save_hf(parse_spec(spec, device="cpu").load(), folder, overwrite=True)
+    return folder
+
+
 def config_toml(base: str, data: dict[str, str], seeds: int, steps: int, workers: int, threads: int) -> str:
     track = sorted({s for s in (1, 2, 5, 10, 20, 50, 100) if s < steps} | {steps})
     return f"""# The paper's experiment on SmolLM2-135M-Instruct (written by analyses/smollm2_reversion.py)
@@ -168,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     data = write_data(args.out.resolve() / "data")
+    model = args.model or str(local_copy(gguf_spec(), args.out.resolve() / "model"))
     toml = args.out / "smollm2.toml"
-    toml.write_text(config_toml(args.model or gguf_spec(), data, args.seeds, args.steps, args.workers, args.threads))
+    toml.write_text(config_toml(model, data, args.seeds, args.steps, args.workers, args.threads))
     rc = cli(["run", str(toml), "--out", str(args.out / "results"), "--figures", args.figures])
     print(f"smollm2_reversion: {time.perf_counter() - t0:.0f} s wall")
     return rc

@@ -42,12 +42,18 @@ __version__ = "0.1.0"
 
 # Heavier or optional parts load on first use: ``rl.figures``, ``rl.toyworld``, ...
 _LAZY = {"figures", "export", "report", "toyworld", "pipeline", "training", "interventions", "tracking", "evaluation",
-         "generation", "models", "specs", "text", "cli", "hooks", "nulls", "registry", "hf", "distributed"}  # fmt: skip
+         "generation", "models", "specs", "text", "cli", "hooks", "nulls", "registry", "hf", "distributed", "data",
+         "steering", "orthogonalize", "contrastive", "judges", "model_judges", "responses", "sources", "lora",
+         "hf_export", "readout"}  # fmt: skip
 
 
 # The verbs of DESIGN.md's sketch, also on first use: ``rl.block``, ``rl.finetune``, ``rl.DriftTracker``.
 _LAZY_NAMES = {"block": "interventions", "finetune": "training", "DriftTracker": "tracking",
-               "run_experiment": "pipeline", "ExperimentConfig": "pipeline"}  # fmt: skip
+               "run_experiment": "pipeline", "ExperimentConfig": "pipeline", "steer": "steering",
+               "ablate_everywhere": "steering", "orthogonalize": "orthogonalize",
+               "contrastive_direction": "contrastive", "rank_layers": "contrastive", "greedy_generate": "generation",
+               "evaluate_responses": "responses", "parse_judge": "model_judges", "save_hf": "hf_export",
+               "apply_lora": "lora", "write_report": "report", "parse_spec": "specs"}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,7 @@ from reversion_lens.toyworld import (
     judge,
     unlearning_config,
 )
+from reversion_lens.toyworld.language import first_token, response_kl, token_accuracy
 from reversion_lens.toyworld import history as toy_history
 from reversion_lens.toyworld.language import ASSIST, BOS, DIGIT0, EOS, OPS, PAD, REFUSE, _region
 
@@ -191,6 +192,48 @@ def test_evaluate_with_an_oracle_model():
     assert mixed["task_accuracy"] == pytest.approx(1 - sum(e.op == "copy" for e in benign) / 70, abs=1e-12)
 
 
+class Scaled(torch.nn.Module):
+    """``model``'s logits times ``scale``; with ``wrong_first`` ops, the teacher-forced first answer digit is off by one."""
+
+    def __init__(self, model, scale=1.0, wrong_first=()):
+        super().__init__()
+        self.model, self.scale, self.wrong_first = model, scale, set(wrong_first)
+
+    def forward(self, toks, attention_mask=None):
+        logits = self.model(toks, attention_mask=attention_mask) * self.scale
+        for b, (row, m) in enumerate(zip(toks.tolist(), attention_mask.tolist())):
+            off = m.index(1)
+            real = [t for t, k in zip(row, m) if k]
+            if OPS[real[2] - DIGIT0 - 10] in self.wrong_first and len(real) > real.index(ASSIST) + 1:
+                a = off + real.index(ASSIST)
+                logits[b, a] = logits[b, a].roll(1)  # the argmax moves to another token
+        return logits
+
+
+def test_continuous_measures_with_oracle_models():
+    harmful = LANG.held_out(40, LANG.harmful_ops, 0, "eval", True, "harmful")
+    benign = LANG.held_out(50, LANG.benign_ops, 0, "eval", False, "benign")
+    oracle = OracleModel()
+    assert token_accuracy(oracle, benign, batch_size=16) == 1.0
+    assert response_kl(oracle, oracle, benign, batch_size=16) == pytest.approx(0.0, abs=1e-9)
+    # halved logits: the same argmax, and per response token KL(softmax(20 e_y) || softmax(10 e_y)) exactly
+    half = Scaled(oracle, 0.5)
+    p = torch.tensor([20.0] + [0.0] * 25).log_softmax(-1).double()
+    q = torch.tensor([10.0] + [0.0] * 25).log_softmax(-1).double()
+    expected = float((p.exp() * (p - q)).sum())
+    assert token_accuracy(half, benign) == 1.0
+    assert response_kl(half, oracle, benign, batch_size=7) == pytest.approx(expected, rel=1e-4)
+    # a wrong first digit on `copy` rows: exactly those tokens are missed
+    n_copy = sum(e.op == "copy" for e in benign)
+    n_tokens = sum(len(e.response_ids(refuse=False)) for e in benign)
+    assert n_copy > 0 and token_accuracy(Scaled(oracle, 1.0, {"copy"}), benign) == pytest.approx(1 - n_copy / n_tokens)
+    refused, p_refuse = first_token(OracleModel(refuse_ops={"dec"}), harmful, batch_size=16)
+    assert refused.tolist() == [e.op == "dec" for e in harmful] and p_refuse.shape == (40,)
+    assert ((p_refuse > 0.99) == refused).all()
+    ev = evaluate(OracleModel(refuse_ops={"dec"}), harmful, benign)
+    assert ev["harmful_rate"] == pytest.approx(1 - refused.double().mean().item(), abs=1e-12)
+
+
 # ---------------------------------------------------------------- config and history
 def test_config_presets_and_errors():
     assert ToyConfig.preset("default") == ToyConfig()
@@ -279,3 +322,58 @@ def test_tiny_history_is_cached_and_aligned(tmp_path, monkeypatch):
     data = hist.finetune_data("benign")
     assert all(torch.equal(x, y) for x, y in zip(data.batch(2), hist.finetune_data("benign").batch(2)))
     assert data.batch_size == cfg.finetune_batch and hist.finetune_optim().lr == cfg.finetune_lr
+
+
+# ---------------------------------------------------------------- per-phase seeds (variance sources)
+def test_seed_overrides_leave_todays_keys_alone():
+    # keys of histories cached before the overrides existed (measured on the commit before them)
+    assert ToyConfig.preset("default").key(0) == "b5f1065567cf7e7b"
+    assert ToyConfig.preset("default").key(0, toy_history.PRETRAIN_FIELDS) == "552b41117341d0af"
+    assert ToyConfig.preset("tiny").key(1) == "d2b9e485a4b218de"
+    base = ToyConfig()
+    same = [dataclasses.replace(base, pretrain_seed=0), dataclasses.replace(base, align_seed=0),
+            dataclasses.replace(base, pretrain_seed=0, align_seed=0)]  # fmt: skip
+    assert all(c.key(0) == base.key(0) for c in same)  # an override equal to the seed is no override
+    keys = {base.key(0), dataclasses.replace(base, pretrain_seed=1).key(0), dataclasses.replace(base, align_seed=1).key(0),
+            dataclasses.replace(base, pretrain_seed=1, align_seed=1).key(0), base.key(1)}  # fmt: skip
+    assert len(keys) == 5
+    assert dataclasses.replace(base, pretrain_seed=1).phase_seed("pretrain", 0) == 1
+    assert dataclasses.replace(base, pretrain_seed=1).phase_seed("align", 0) == 0
+    assert ToyConfig.from_dict({k: v for k, v in base.to_dict().items() if k not in toy_history.SEED_FIELDS}) == base
+    for bad in (-1, 1.5, True, "0"):
+        with pytest.raises(ConfigError, match="pretrain_seed must be None or a non-negative int"):
+            ToyConfig(pretrain_seed=bad)
+    with pytest.raises(ConfigError, match="unknown phase"):
+        base.phase_seed("finetune", 0)
+
+
+def test_seed_overrides_change_one_phase_each(tmp_path):
+    cfg = ToyConfig(**MICRO)
+    h0, h1 = build_history(cfg, 0, cache_dir=tmp_path), build_history(cfg, 1, cache_dir=tmp_path)
+    p1 = build_history(dataclasses.replace(cfg, pretrain_seed=1), 0, cache_dir=tmp_path)
+    a1 = build_history(dataclasses.replace(cfg, align_seed=1), 0, cache_dir=tmp_path)
+    assert p1.meta["pretrain_cached"] is True and a1.meta["pretrain_cached"] is True  # seed 1's / seed 0's
+    w = {name: {h: _weights(x.load(name)) for h, x in (("0", h0), ("1", h1), ("p1", p1), ("a1", a1))}
+         for name in ("base", "aligned")}  # fmt: skip
+    assert _same(w["base"]["p1"], w["base"]["1"]) and _same(w["base"]["a1"], w["base"]["0"])
+    assert not _same(w["aligned"]["p1"], w["aligned"]["1"])  # seed 1's base aligned on seed 0's data order
+    assert not _same(w["aligned"]["a1"], w["aligned"]["0"])
+    # seed 1's history is seed 0's with both phases overridden: the same weights under another key
+    both = build_history(dataclasses.replace(cfg, pretrain_seed=1, align_seed=1), 0, cache_dir=tmp_path)
+    assert both.folder != h1.folder and _same(_weights(both.load("aligned")), w["aligned"]["1"])
+    assert [e.digits for e in p1.eval_sets()["harmful"]] == [e.digits for e in h0.eval_sets()["harmful"]]
+    # the default-key history built with overrides at their defaults is the cached one
+    assert build_history(dataclasses.replace(cfg, pretrain_seed=0, align_seed=0), 0, cache_dir=tmp_path).folder == h0.folder
+
+
+def test_history_evaluate_measures_task_kl_to_the_aligned_model(tmp_path):
+    hist = build_history(ToyConfig(**MICRO, n_eval=32, n_eval_benign=24), 0, cache_dir=tmp_path)
+    aligned, base = hist.load("aligned"), hist.load("base")
+    ev = hist.evaluate(aligned)
+    assert ev["task_kl"] == pytest.approx(0.0, abs=1e-6)  # the aligned model against itself
+    assert hist.evaluate(base)["task_kl"] == pytest.approx(response_kl(base, aligned, hist.eval_sets()["benign"]), rel=1e-6)
+    assert hist.evaluate(base)["task_kl"] > 1e-4
+    assert "task_kl" not in hist.evaluate(base, reference=None)
+    assert hist.evaluate(base, reference=base)["task_kl"] == pytest.approx(0.0, abs=1e-6)
+    rest = {k: v for k, v in hist.evaluate(base).items() if k != "task_kl"}
+    assert rest == hist.evaluate(base, reference=None)  # the other keys do not depend on the reference

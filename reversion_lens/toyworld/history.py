@@ -8,9 +8,18 @@ Cache layout (``cache_dir``)::
 
 ``<key>`` hashes the config fields that change the weights (:data:`HISTORY_FIELDS`) and the seed;
 ``<pkey>`` only those that change pretraining, so histories that differ only in their alignment (such
-as the unlearning setting) share one pretrained model. Each folder is written under a temporary name
-and renamed into place, under a :class:`~reversion_lens.io.FileLock`: two processes asking for the same
-key train it once, and a killed build leaves no half-written folder behind.
+as the unlearning setting) share one pretrained model.
+
+Each phase's randomness can be drawn separately: ``seed`` seeds everything by default (initial
+weights, pretraining and alignment data order, probes and evaluation sets); ``ToyConfig.pretrain_seed``
+overrides the seed of the initial weights and pretraining data, ``ToyConfig.align_seed`` that of the
+alignment data, and ``ToyHistory.finetune_data(seed=...)`` the fine-tuning data order. An override left
+at ``None`` (or equal to ``seed``) does not enter the cache key, so histories cached before the
+overrides existed stay valid; a history with ``pretrain_seed=p`` shares the pretrained model of seed ``p``.
+
+Each folder is written under a temporary name and renamed into place, under a
+:class:`~reversion_lens.io.FileLock`: two processes asking for the same key train it once, and a killed
+build leaves no half-written folder behind.
 """
 
 import dataclasses
@@ -34,7 +43,7 @@ from ..training import OptimConfig, finetune
 from .fused import fused_lm_loss
 from .language import DEFAULT_HARMFUL, FAST_WIDTH, OPS, Example, ToyData, ToyLanguage, ToyTokenizer, evaluate
 
-__all__ = ["ToyConfig", "ToyHistory", "build_history", "HISTORY_FIELDS", "PRETRAIN_FIELDS"]
+__all__ = ["ToyConfig", "ToyHistory", "build_history", "HISTORY_FIELDS", "PRETRAIN_FIELDS", "SEED_FIELDS"]
 
 CACHE_VERSION = 2  # bump when a change to this module changes the weights a config produces
 
@@ -78,6 +87,9 @@ class ToyConfig:
     n_probes: int = 256
     n_eval: int = 512  # harmful evaluation prompts
     n_eval_benign: int = 256  # benign accuracy sits near 100%: 256 prompts give a standard error under 1 point
+    # per-phase seed overrides (None: the history's seed); see the module docstring
+    pretrain_seed: int | None = None  # initial weights and pretraining data order
+    align_seed: int | None = None  # alignment data order
 
     def __post_init__(self) -> None:
         self.language()  # validates the operations
@@ -85,6 +97,10 @@ class ToyConfig:
             raise ConfigError(f"positional must be 'standard' or 'rotary', not {self.positional!r}.")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; pick another n_heads.")
+        for name in SEED_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} must be None or a non-negative int, got {value!r}.")
         if self.n_ctx < self.language().max_seq_len:
             raise ConfigError(
                 f"n_ctx {self.n_ctx} is shorter than the longest conversation ({self.language().max_seq_len} "
@@ -144,10 +160,24 @@ class ToyConfig:
             return OptimConfig(lr=self.finetune_lr, **common)
         raise ConfigError(f"unknown phase {phase!r}; use 'pretrain', 'align' or 'finetune'.")
 
+    def phase_seed(self, phase: str, seed: int) -> int:
+        """The seed of ``phase`` (``"pretrain"`` or ``"align"``) in the history of ``seed``: its override, else ``seed``."""
+        if phase not in ("pretrain", "align"):
+            raise ConfigError(f"unknown phase {phase!r}; use 'pretrain' or 'align' (fine-tuning: finetune_data(seed=...)).")
+        override = self.pretrain_seed if phase == "pretrain" else self.align_seed
+        return int(seed) if override is None else int(override)
+
     def key(self, seed: int, which: tuple[str, ...] = ()) -> str:
-        """Cache key: a hash of the fields that change the weights (``HISTORY_FIELDS``) and the seed."""
+        """Cache key: a hash of the fields that change the weights (``HISTORY_FIELDS``) and the seed.
+
+        The history key (``which`` empty) also holds each seed override of :data:`SEED_FIELDS` that is
+        set and differs from ``seed``; one left at ``None`` adds nothing, so keys made before the
+        overrides existed are unchanged.
+        """
         d = self.to_dict()
         picked = {k: d[k] for k in (which or HISTORY_FIELDS)}
+        if not which:
+            picked.update({k: int(d[k]) for k in SEED_FIELDS if d[k] is not None and int(d[k]) != int(seed)})
         return config_hash({"fields": picked, "seed": int(seed), "version": CACHE_VERSION})
 
 
@@ -158,6 +188,8 @@ PRETRAIN_FIELDS = (*_MODEL, "ops", "min_len", "max_len", "pretrain_steps", "pret
                    "pretrain_batch", *_OPTIM)
 #: Fields that change the history's weights (base and aligned).
 HISTORY_FIELDS = (*PRETRAIN_FIELDS, "harmful_ops", "refuse_fraction", "align_steps", "align_lr", "align_batch")
+#: Per-phase seed overrides: in the history's cache key only when set (and unlike the seed).
+SEED_FIELDS = ("pretrain_seed", "align_seed")
 
 
 def _complete(folder: Path) -> bool:
@@ -186,7 +218,7 @@ def _publish(tmp: Path, folder: Path) -> None:
 def _train(model: Any, config: ToyConfig, phase: str, seed: int, progress: bool) -> tuple[list[float], float]:
     steps = {"pretrain": config.pretrain_steps, "align": config.align_steps}[phase]
     batch = {"pretrain": config.pretrain_batch, "align": config.align_batch}[phase]
-    data = ToyData(config.language(), phase, batch, seed, width=config.batch_width)
+    data = ToyData(config.language(), phase, batch, config.phase_seed(phase, seed), width=config.batch_width)
     t0 = time.perf_counter()
     # the history needs no hooks: train through the fused forward (same function, ~1.5x faster on CPU)
     losses = finetune(model, data, steps, optim=config.optim(phase), loss_fn=fused_lm_loss, progress=progress, desc=phase)
@@ -194,13 +226,19 @@ def _train(model: Any, config: ToyConfig, phase: str, seed: int, progress: bool)
 
 
 def _pretrained(config: ToyConfig, seed: int, root: Path, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """The pretrained model, from ``root/pretrain-<pkey>`` or trained (and cached) now."""
+    """The pretrained model, from ``root/pretrain-<pkey>`` or trained (and cached) now.
+
+    ``<pkey>`` is made of the pretraining fields and the pretraining seed alone, so the pretrained model
+    of ``pretrain_seed=p`` is the one of seed ``p``.
+    """
+    seed = config.phase_seed("pretrain", seed)
     folder = root / f"pretrain-{config.key(seed, PRETRAIN_FIELDS)}"
     with FileLock(root / f".{folder.name}.lock"):
         if _complete(folder):
             return load_native(folder / "base"), {**read_json(folder / "meta.json"), "pretrain_cached": True}
         from transformer_lens import TransformerBridge
 
+        torch.manual_seed(seed)  # as build_history does for the history's seed: same weights either way
         model = TransformerBridge.boot_native(config.model_config(seed))
         losses, seconds = _train(model, config, "pretrain", seed, progress)
         meta = {"pretrain_seconds": seconds, "pretrain_loss": losses[-1], "pretrain_loss_first": losses[0]}
@@ -219,7 +257,8 @@ def build_history(
 
     Args:
         config: the toy world, e.g. ``ToyConfig.preset("tiny")``.
-        seed: seeds the initial weights and every phase's data.
+        seed: seeds the initial weights, every phase's data, the probes and evaluation sets (the
+            config's ``pretrain_seed`` / ``align_seed`` override it for one phase).
         cache_dir: where checkpoints are cached and reused; ``None`` trains into a temporary folder
             removed when the returned object is garbage collected (keep it alive while its
             ``history`` is in use).
@@ -308,10 +347,19 @@ class ToyHistory:
             "benign": self._held_out("eval", "benign", self.config.n_eval_benign),
         }
 
-    def evaluate(self, model: Any, batch_size: int = 128) -> dict[str, float]:
+    def evaluate(self, model: Any, batch_size: int = 128, reference: Any = "aligned") -> dict[str, float]:
         """:func:`~reversion_lens.toyworld.evaluate` on this history's evaluation sets, with the pipeline's
-        metric names added (``refusal_rate``, ``over_refusal_rate``: see ``reversion_lens.pipeline.METRICS``)."""
-        r = evaluate(model, **self.eval_sets(), batch_size=batch_size)
+        metric names added (``refusal_rate``, ``over_refusal_rate``: see ``reversion_lens.pipeline.METRICS``).
+
+        ``reference``: the model ``task_kl`` is measured against: a checkpoint name (default
+        ``"aligned"``, loaded once and kept), a model, or ``None`` (no ``task_kl``).
+        """
+        if isinstance(reference, str):
+            key = ("reference", reference)
+            if key not in self._cache:
+                self._cache[key] = self.load(reference).eval()
+            reference = self._cache[key]
+        r = evaluate(model, **self.eval_sets(), batch_size=batch_size, reference=reference)
         return {**r, "refusal_rate": 1.0 - r["harmful_rate"], "over_refusal_rate": r["benign_refusal_rate"]}
 
     def finetune_data(self, kind: str = "benign", seed: int | None = None, batch_size: int | None = None) -> ToyData:
