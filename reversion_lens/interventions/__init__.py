@@ -12,7 +12,9 @@ direction with the same layers, site and norms).
 What each mode guarantees, and what it does not:
 
 Modes are registered in :data:`reversion_lens.registry.MODES` (one module each in this package:
-``grad``, ``clamp``, ``ablate``, ``penalty``, ``update``); each module's docstring states what the mode
+``grad``, ``clamp``, ``ablate``, ``penalty``, ``update``, ``cumulative`` (``grad-cum``, ``grad-shared``),
+``everywhere`` (``grad-everywhere``), ``orthogonal`` (``orthogonalize``); ``update-cum`` lives in ``update``);
+each module's docstring states what the mode
 guarantees and what it does not. A new mode is one file here (a subclass of :class:`Intervention`
 registered with ``MODES.register(name, cls, needs=..., color=...)``) and one test.
 """
@@ -29,9 +31,12 @@ from ..registry import MODES
 from .ablate import Ablate
 from .base import Intervention, project_out
 from .clamp import Clamp
+from .cumulative import CumulativeGradBlock
+from .everywhere import GradEverywhere
 from .grad import GradBlock
+from .orthogonal import Orthogonalize
 from .penalty import Penalty
-from .update import UpdateBlock, residual_write_params
+from .update import CumulativeUpdateBlock, UpdateBlock, residual_write_params
 
 __all__ = [
     "Intervention",
@@ -40,6 +45,10 @@ __all__ = [
     "Ablate",
     "Penalty",
     "UpdateBlock",
+    "CumulativeGradBlock",
+    "CumulativeUpdateBlock",
+    "GradEverywhere",
+    "Orthogonalize",
     "MODES",
     "block",
     "random_control",

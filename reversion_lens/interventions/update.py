@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..directions import Direction
+from ..directions import Direction, Subspace, as_subspace
 from ..errors import ConfigError, SiteError
+from ..orthogonalize import embeddings_tied, residual_writers, untie_embeddings
 from ..registry import MODES
-from ..sites import check_layers
+from ..sites import check_layers, n_layers
 from .base import Intervention
+from .cumulative import EMBED, cumulative_spans
 
-__all__ = ["UpdateBlock", "residual_write_params"]
+__all__ = ["UpdateBlock", "CumulativeUpdateBlock", "residual_write_params", "writer_layer"]
 
 def residual_write_params(model: Any, layers: Sequence[int] | None = None) -> list[tuple[str, int, torch.nn.Parameter, int]]:
     """``(label, layer, parameter, d_model axis)`` for every weight writing to the residual stream.
@@ -131,3 +133,92 @@ class UpdateBlock(Intervention):
 
 
 MODES.register("update", UpdateBlock, needs=(), color="#000000", doc="keep v^T W of every residual-writing weight fixed across optimizer steps")
+
+
+def writer_layer(label: str) -> int:
+    """The layer a residual writer belongs to: ``EMBED`` (-1) for ``embed`` / ``pos_embed``, else ``l`` of ``blocks.{l}``."""
+    if label.startswith(("embed.", "pos_embed.")):
+        return EMBED
+    return int(label.split(".")[1])
+
+
+def _pin(p: Tensor, q: Tensor, axis: int) -> Tensor:
+    """``Q W`` along ``axis`` (the d_model axis): ``[r, ...]`` for axis 0, ``[..., r]`` for axis 1."""
+    return torch.tensordot(q, p, dims=([1], [0])) if axis == 0 else p @ q.T
+
+
+class CumulativeUpdateBlock(Intervention):
+    """``update-cum``: keep ``U_j^T W`` of every residual writer of layer ``j`` fixed across optimizer steps.
+
+    Args:
+        model: a TransformerLens 4 bridge.
+        direction: a :class:`Direction` or a :class:`Subspace` (all its rows are pinned).
+        layers: the blocked layers (``None``: all the direction's layers).
+        optimizer: for loops that do not call ``after_step``: the projection runs as its step post-hook.
+        tied: ``"keep"`` (default: pin the shared embedding/unembedding matrix) or ``"untie"`` (see the module docs).
+        shared: one span (every blocked layer's rows) at every writer of every layer.
+    """
+
+    mode = "update-cum"
+
+    def __init__(self, model: Any, direction: Direction | Subspace, layers: Sequence[int] | int | None = None, *,
+                 optimizer: torch.optim.Optimizer | None = None, tied: str = "keep", shared: bool = False):  # fmt: skip
+        sub = as_subspace(direction)
+        super().__init__(model, sub.direction, layers)
+        if tied not in ("keep", "untie"):
+            raise ConfigError(f"tied={tied!r}; use 'keep' (pin the shared matrix) or 'untie' (untie first).")
+        if tied == "untie" and optimizer is not None and embeddings_tied(model):
+            raise ConfigError(
+                "tied='untie' creates a new unembedding parameter at attach, which the optimizer you passed does not "
+                "hold; build the optimizer after attaching (finetune does), or use tied='keep'."
+            )
+        self.subspace = sub.select(list(self.layers))
+        self.shared, self.tied, self.optimizer = bool(shared), tied, optimizer
+        self.spans = cumulative_spans(self.subspace, n_layers(model), self.shared)
+        writers = residual_writers(model)
+        self.params = [(w.label, writer_layer(w.label), w.parameter, w.axis) for w in writers
+                       if writer_layer(w.label) in self.spans]  # fmt: skip
+        self._pinned: list[Tensor] = []
+        self._opt_handle: Any = None
+
+    def _on_attach(self) -> None:
+        if self.tied == "untie":
+            untie_embeddings(self.model)
+        with torch.no_grad():
+            self._pinned = [_pin(p, self.spans[j].to(p), axis).clone() for _, j, p, axis in self.params]
+        if self.optimizer is not None:
+            self._opt_handle = self.optimizer.register_step_post_hook(lambda opt, *_: self.after_step(self.model, opt))
+
+    def _on_remove(self) -> None:
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+
+    @torch.no_grad()
+    def after_step(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
+        if self._paused or not self._attached:
+            return
+        for (_, j, p, axis), c in zip(self.params, self._pinned):
+            q = self.spans[j].to(p)
+            excess = _pin(p, q, axis) - c
+            if axis == 0:
+                p.sub_(torch.tensordot(q, excess, dims=([0], [0])))
+            else:
+                p.sub_(excess @ q)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {label: c for (label, *_), c in zip(self.params, self._pinned)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        labels = [label for label, *_ in self.params]
+        if sorted(state) != sorted(labels):
+            raise ConfigError(f"update-cum state holds {sorted(state)}, expected {sorted(labels)}; it is from another run.")
+        self._pinned = [state[label].to(p) for label, _, p, _ in self.params]
+
+    def _options(self) -> dict[str, Any]:
+        return {"shared": self.shared, "tied": self.tied, "k": self.subspace.k, "writers": len(self.params),
+                "span_dims": {str(j): int(b.shape[0]) for j, b in self.spans.items()}}  # fmt: skip
+
+
+MODES.register("update-cum", CumulativeUpdateBlock, needs=(), subspace=True, color="#6A3D9A",
+               doc="keep U_j^T W of every residual writer fixed, U_j = v_rev of every blocked layer >= j (exact under AdamW)")
