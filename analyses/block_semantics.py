@@ -73,7 +73,9 @@ def toy_config(name: str, seeds: int | None, steps: int | None, workers: int) ->
                             track_steps=track, eval_steps=(0, steps), save_model="final", workers=workers)  # fmt: skip
 
 
-def hf_config(path: Path, arms: tuple[str, ...], seeds: int | None, steps: int | None, workers: int) -> ExperimentConfig:
+def hf_config(
+    path: Path, arms: tuple[str, ...], seeds: int | None, steps: int | None, workers: int
+) -> ExperimentConfig:
     base = ExperimentConfig.from_toml(path)
     steps = steps or base.steps
     track = tuple(s for s in base.track_steps if s <= steps) or (steps,)
@@ -143,13 +145,12 @@ def _writer_terms(model: Any, probes: Any, v: Direction) -> dict[str, Any]:
         n += int(w.sum())
     means = {k: s / n for k, s in sums.items()}
     writers = {w.label: w for w in residual_writers(model)}
-    return {"means": means, "writers": writers, "L": L}
+    return {"means": means, "writers": writers}
 
 
 def write_read_split(aligned: Any, tuned: Any, probes: Any, v: Direction) -> list[dict[str, Any]]:
     """Per layer ``l``: motion of the probe mean along ``v_l`` at resid_post, its writer and reader parts."""
     a, t = _writer_terms(aligned, probes, v), _writer_terms(tuned, probes, v)
-    L = a["L"]
 
     def apply(writers: dict[str, Any], part: str, j: int, x: torch.Tensor) -> torch.Tensor:
         wt = writers[f"blocks.{j}.{part}.weight"]
@@ -168,8 +169,7 @@ def write_read_split(aligned: Any, tuned: Any, probes: Any, v: Direction) -> lis
                 key = f"blocks.{j}.{part}.hook_in"
                 if key not in t["means"]:
                     continue
-                x_t, x_a = t["means"][key], a["means"][key]
-                mixed = apply(a["writers"], part, j, x_t)  # the aligned writer on the tuned input
+                mixed = apply(a["writers"], part, j, t["means"][key])  # the aligned writer on the tuned input
                 writer += u @ (t["means"][f"blocks.{j}.hook_{site}"] - mixed)
                 reader += u @ (mixed - a["means"][f"blocks.{j}.hook_{site}"])
         total = u @ (t["means"][f"blocks.{layer}.hook_resid_post"] - a["means"][f"blocks.{layer}.hook_resid_post"])
@@ -235,7 +235,7 @@ def step_costs(config: ExperimentConfig, out: Path, rounds: int = 5, steps: int 
     times: dict[str, list[float]] = {a: [] for a in runners}
     names = list(runners)
     for r in range(rounds):
-        for a in names[r % len(names):] + names[: r % len(names)]:
+        for a in names[r % len(names) :] + names[: r % len(names)]:
             times[a].append(runners[a]())
     res = {}
     for a, ts in times.items():
@@ -319,7 +319,7 @@ def markdown(all_rows: list[dict[str, Any]], extras: dict[str, Any]) -> str:
                       "| --- | " + " | ".join("---" for _ in sub.k.unique()) + " |"]  # fmt: skip
             for arm, g in sub.groupby("arm", sort=False):
                 cells = []
-                for k, gk in g.groupby("k"):
+                for _, gk in g.groupby("k"):
                     cells.append(f"{gk.alignment.mean():.2f} [{gk.null_p99.iloc[0]:.2f}], {gk.energy_share.mean():.2f}")
                 lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
         split = ex.get("split")

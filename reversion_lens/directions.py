@@ -452,15 +452,17 @@ class Subspace:
     def __post_init__(self) -> None:
         b = self.basis
         if not isinstance(b, Tensor) or b.ndim != 3 or 0 in b.shape:
-            raise DirectionError(f"basis must be a non-empty [layer, k, d_model] tensor, got {getattr(b, 'shape', type(b))}.")
+            raise DirectionError(f"basis must be a non-empty [layer, k, d_model] tensor, got {getattr(b, 'shape', b)}.")
         if len(self.layers) != b.shape[0] or self.norms.shape != (b.shape[0],):
-            raise DirectionError(f"basis has {b.shape[0]} layers but layers={self.layers}, norms {tuple(self.norms.shape)}.")
+            raise DirectionError(
+                f"basis has {b.shape[0]} layers; layers={self.layers}, norms {tuple(self.norms.shape)}."
+            )
         if b.shape[1] > b.shape[2]:
             raise DirectionError(f"a subspace of dimension k={b.shape[1]} does not fit in d_model={b.shape[2]}.")
         gram = b.double() @ b.double().transpose(1, 2)
         eye = torch.eye(b.shape[1], dtype=torch.float64, device=gram.device)
         if not torch.isfinite(gram).all() or (gram - eye).abs().max() > 1e-4:
-            raise DirectionError("subspace basis rows must be orthonormal per layer; build one with reversion_subspace.")
+            raise DirectionError("subspace basis rows must be orthonormal per layer; build it with reversion_subspace.")
         Direction(b[:, 0].float(), self.norms, self.layers, self.site)  # validates the layers and leading rows
 
     @property
@@ -569,7 +571,8 @@ def random_subspace(d_model: int, layers: Sequence[int], k: int, seed: int, site
     x = torch.randn(len(layers), d_model, k, generator=g, dtype=torch.float64)
     q, _ = torch.linalg.qr(x)
     norms = like.norms.clone() if like is not None else torch.ones(len(layers))
-    return Subspace(q.transpose(1, 2).float(), norms, tuple(layers), site, {"method": "random", "seed": int(seed), "k": k})
+    prov = {"method": "random", "seed": int(seed), "k": k}
+    return Subspace(q.transpose(1, 2).float(), norms, tuple(layers), site, prov)
 
 
 def vocab_readout(direction: Direction, model: Any, k: int = 10, tokenizer: Any = None) -> "Any":

@@ -91,7 +91,9 @@ def drift_metrics(
     ]
 
 
-def subspace_alignment(drift: Float[Tensor, "layer d_model"], basis: Float[Tensor, "layer k d_model"]) -> Float[Tensor, " layer"]:
+def subspace_alignment(
+    drift: Float[Tensor, "layer d_model"], basis: Float[Tensor, "layer k d_model"]
+) -> Float[Tensor, " layer"]:
     """``||P_S d|| / ||d||`` per layer for orthonormal rows ``basis[l]`` (0 where the drift is exactly zero)."""
     d = torch.as_tensor(drift).double()
     q = torch.as_tensor(basis).double().to(d.device)

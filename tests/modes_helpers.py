@@ -7,7 +7,12 @@ from hf_fixtures import perturbed_copy, save_tiny
 from reversion_lens.directions import Direction, as_subspace
 from reversion_lens.training import Batch
 
-HF_ARCHS = {"gpt2": ("gpt2", {}), "neox": ("neox", {}), "llama": ("llama", {}), "llama_untied": ("llama", {"tied": False})}
+HF_ARCHS = {
+    "gpt2": ("gpt2", {}),
+    "neox": ("neox", {}),
+    "llama": ("llama", {}),
+    "llama_untied": ("llama", {"tied": False}),
+}
 
 
 def components(p: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
@@ -52,3 +57,50 @@ def hf_model(hf_dirs_modes):
     from transformer_lens import TransformerBridge
 
     return lambda arch: TransformerBridge.boot_transformers(str(hf_dirs_modes[arch]), device="cpu")
+
+
+@torch.no_grad()
+def _writes(model, toks):
+    """Per token: resid_pre of layer 0, every attn_out / mlp_out, their writers' inputs, every resid_post."""
+    L = int(model.cfg.n_layers)
+    names = ["blocks.0.hook_resid_pre"]
+    for j in range(L):
+        names += [f"blocks.{j}.hook_attn_out", f"blocks.{j}.hook_mlp_out", f"blocks.{j}.attn.o.hook_in",
+                  f"blocks.{j}.mlp.out.hook_in", f"blocks.{j}.hook_resid_post"]  # fmt: skip
+    got = {}
+
+    def keep(x, hook, name):
+        got[name] = (x.flatten(2) if x.ndim > 3 else x).double()
+
+    with model.hooks(fwd_hooks=[(n, lambda x, hook, n=n: keep(x, hook, n)) for n in names]):
+        model(toks)
+    return got
+
+
+def writer_motion(aligned, tuned, toks, v: Direction):
+    """Per blocked layer ``l``: ``max |v_l . (writer part of h_l(t) - h_l(0))|`` over tokens, where the writer part is
+    ``(E_t - E_0)(x) + sum_{j<=l} [(W_j(t) - W_j(0)) a_j(x; t) + (b_j(t) - b_j(0))]``, and the max of the whole motion.
+
+    The reader part ``sum_j W_j(0) (a_j(x; t) - a_j(x; 0))`` is the rest; the two add up to the motion exactly."""
+    from reversion_lens.orthogonalize import residual_writers
+
+    a, t = _writes(aligned, toks), _writes(tuned, toks)
+    writers = {w.label: w for w in residual_writers(aligned)}
+
+    def aligned_write(part, j, x):
+        w = writers[f"blocks.{j}.{part}.weight"]
+        W = w.parameter.detach().double()
+        out = x @ W.T if w.axis == 0 else x @ W
+        b = writers.get(f"blocks.{j}.{part}.bias")
+        return out + (b.parameter.detach().double() if b is not None else 0)
+
+    out = {}
+    for layer in v.layers:
+        u = v[layer].double()
+        write = t["blocks.0.hook_resid_pre"] - a["blocks.0.hook_resid_pre"]
+        for j in range(layer + 1):
+            for part, site in (("attn.o", "attn_out"), ("mlp.out", "mlp_out")):
+                write = write + t[f"blocks.{j}.hook_{site}"] - aligned_write(part, j, t[f"blocks.{j}.{part}.hook_in"])
+        motion = t[f"blocks.{layer}.hook_resid_post"] - a[f"blocks.{layer}.hook_resid_post"]
+        out[layer] = ((write @ u).abs().max().item(), (motion @ u).abs().max().item())
+    return out

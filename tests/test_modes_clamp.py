@@ -25,7 +25,7 @@ def components(model, toks, v):
     return torch.stack([got[l] for l in v.layers])
 
 
-@pytest.mark.parametrize("kind", ["native", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["native", "gpt2", "neox", "llama", "llama_untied"])
 def test_clamp_pins_every_layer_through_training_and_the_bare_weights_drift(kind, hf_dirs_modes):
     if kind == "native":
         model, ref = make_native(n_layers=4), make_native(n_layers=4)

@@ -8,7 +8,7 @@ The guarantee measured: ``max |u^T dL/dW|`` along ``d_model`` over every residua
 import pytest
 import torch
 from conftest import make_native
-from modes_helpers import Tokens, components, hf_dirs_modes, hf_model, rand_direction, sub  # noqa: F401
+from modes_helpers import Tokens, components, hf_dirs_modes, hf_model, rand_direction, sub, writer_motion  # noqa: F401
 
 from reversion_lens.directions import random_subspace
 from reversion_lens.interventions import block
@@ -91,7 +91,14 @@ def test_grad_cum_under_sgd_keeps_v_of_earlier_writers_and_not_under_adamw():
                         ("adamw", OptimConfig(lr=1e-2, weight_decay=0.01, grad_clip=None))):  # fmt: skip
         model = make_native(n_layers=L, d_model=D)
         w0 = {w.label: w.parameter.detach().clone() for w in residual_writers(model)}
-        finetune(model, Tokens(int(model.cfg.d_vocab)), 4, optim=optim, interventions=[block(model, v, "grad-cum")], progress=False)
+        finetune(
+            model,
+            Tokens(int(model.cfg.d_vocab)),
+            4,
+            optim=optim,
+            interventions=[block(model, v, "grad-cum")],
+            progress=False,
+        )
         drift[name] = max(components(w.parameter.detach() - w0[w.label], u, w.axis).abs().max().item()
                           for w in residual_writers(model) for layer in range(max(writer_layer(w.label), 0), L)
                           for u in space[layer])  # fmt: skip
@@ -129,3 +136,19 @@ def test_grad_cum_paused_and_hooks_removed():
     iv.remove()
     after = sum(len(hp.bwd_hooks) for hp in {id(h): h for h in model.hook_dict.values()}.values())
     assert after == before and iv.describe()["span_dims"]["-1"] == L
+
+
+def test_grad_cum_under_sgd_the_residual_moves_along_v_l_only_through_the_reads():
+    """The activation statement: after SGD steps, at every token, the writer part of the motion of ``h_l`` along ``v_l``
+    is zero; the motion itself is not (it comes through the reads). The per-layer ``grad`` leaves a writer part."""
+    v = rand_direction(L, D)
+    sgd = OptimConfig(optimizer="sgd", lr=0.5, weight_decay=0.0, grad_clip=None)
+    toks = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(5))
+    res = {}
+    for mode in ("grad-cum", "grad"):
+        aligned, model = make_native(n_layers=L, d_model=D), make_native(n_layers=L, d_model=D)
+        finetune(model, Tokens(40), 4, optim=sgd, interventions=[block(model, v, mode)], progress=False)
+        res[mode] = writer_motion(aligned, model, toks, v)
+    assert max(w for w, _ in res["grad-cum"].values()) < 1e-5
+    assert min(m for _, m in res["grad-cum"].values()) > 1e-3  # the reads still move it
+    assert max(w for w, _ in res["grad"].values()) > 1e-3

@@ -45,7 +45,7 @@ def _trunk_grads(model):
     return got, handles
 
 
-@pytest.mark.parametrize("kind", ["native", "llama_untied", "gpt2"])
+@pytest.mark.parametrize("kind", ["native", "gpt2", "neox", "llama", "llama_untied"])
 def test_grad_everywhere_writers_and_trunk_have_no_r_gradient(kind, hf_model):
     model = make_native(n_layers=L, d_model=D) if kind == "native" else hf_model(kind)
     v = rand_direction(int(model.cfg.n_layers), int(model.cfg.d_model), layers=[1])  # @1: layer 1's vector alone

@@ -25,7 +25,7 @@ def worst_component(model, r):
     return max((cache[k] @ r.to(cache[k])).abs().max().item() for k in cache), len(cache)
 
 
-@pytest.mark.parametrize("kind", ["native", "gpt2", "neox", "llama"])
+@pytest.mark.parametrize("kind", ["native", "gpt2", "neox", "llama", "llama_untied"])
 def test_orthogonalize_arm_no_site_carries_r_and_the_edit_is_permanent(kind, hf_model):
     model = make_native(n_layers=L, d_model=D) if kind == "native" else hf_model(kind)
     v = rand_direction(int(model.cfg.n_layers), int(model.cfg.d_model))

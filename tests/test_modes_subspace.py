@@ -1,4 +1,4 @@
-"""k-dimensional v_rev: the subspace estimator, its alignment and isotropic null, the arm grammar, the runner's wiring."""
+"""k-dimensional v_rev: the subspace estimator, its alignment and isotropic null, the arm grammar, the runner wiring."""
 
 import math
 import types
@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from reversion_lens.activations import ResidStats
-from reversion_lens.directions import Direction, Subspace, as_subspace, mean_difference, random_subspace, reversion_subspace
+from reversion_lens.directions import (
+    Direction,
+    Subspace,
+    as_subspace,
+    mean_difference,
+    random_subspace,
+    reversion_subspace,
+)
 from reversion_lens.drift import drift_metrics, subspace_alignment, subspace_metrics, subspace_null_quantile
 from reversion_lens.errors import ConfigError, DirectionError, ShapeError
 from reversion_lens.pipeline.arms import Arm
@@ -21,7 +28,9 @@ def stats_pair(seed: int = 0) -> tuple[ResidStats, ResidStats]:
     aligned = torch.randn(N, len(LAYERS), D, generator=g, dtype=torch.float64)
     shift = 2.0 * torch.randn(len(LAYERS), D, generator=g, dtype=torch.float64)
     axes = torch.randn(len(LAYERS), 3, D, generator=g, dtype=torch.float64)
-    coef = torch.randn(N, len(LAYERS), 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    coef = torch.randn(N, len(LAYERS), 3, generator=g, dtype=torch.float64) * torch.tensor(
+        [3.0, 2.0, 1.0], dtype=torch.float64
+    )
     base = aligned + shift + torch.einsum("nlk,lkd->nld", coef, axes)
 
     def make(x: torch.Tensor) -> ResidStats:
@@ -89,7 +98,9 @@ def test_subspace_alignment_math_and_k1_equals_abs_cos():
     g = torch.Generator().manual_seed(1)
     drift = torch.randn(len(LAYERS), D, generator=g, dtype=torch.float64)
     inside = torch.einsum("lkd,lk->ld", s.basis.double(), torch.randn(len(LAYERS), 3, generator=g, dtype=torch.float64))
-    torch.testing.assert_close(subspace_alignment(inside, s.basis), torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        subspace_alignment(inside, s.basis), torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     ortho = drift - torch.einsum("lkd,lk->ld", s.basis.double(), torch.einsum("lkd,ld->lk", s.basis.double(), drift))
     assert subspace_alignment(ortho, s.basis).abs().max() < 1e-6
     assert torch.equal(subspace_alignment(torch.zeros(3, D), s.basis), torch.zeros(3, dtype=torch.float64))
@@ -97,7 +108,9 @@ def test_subspace_alignment_math_and_k1_equals_abs_cos():
     v = mean_difference(base, aligned)
     cos = torch.tensor([r["cos"] for r in drift_metrics(cur, aligned, base, v)], dtype=torch.float64)
     rows = subspace_metrics(cur, aligned, v)
-    torch.testing.assert_close(torch.tensor([r["alignment"] for r in rows], dtype=torch.float64), cos.abs(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([r["alignment"] for r in rows], dtype=torch.float64), cos.abs(), atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(torch.tensor([r["lead_cos"] for r in rows], dtype=torch.float64), cos, atol=1e-6, rtol=0)
     rows3 = subspace_metrics(cur, aligned, s, step=7)
     assert [r["layer"] for r in rows3] == list(LAYERS) and all(r["k"] == 3 and r["step"] == 7 for r in rows3)

@@ -6,9 +6,8 @@ steps with weight decay (float32 parameters: below 1e-5). The per-layer ``update
 """
 
 import pytest
-import torch
 from conftest import make_native
-from modes_helpers import Tokens, components, hf_dirs_modes, hf_model, rand_direction, sub  # noqa: F401
+from modes_helpers import Tokens, components, hf_dirs_modes, hf_model, rand_direction, sub, writer_motion  # noqa: F401
 
 from reversion_lens.directions import random_subspace
 from reversion_lens.errors import ConfigError
@@ -125,3 +124,19 @@ def test_update_cum_state_round_trip_and_errors():
     with pytest.raises(ConfigError, match="tied"):
         block(model, v, "update-cum", tied="share")
     assert iv.describe()["writers"] == len(state) and iv.describe()["span_dims"]["3"] == 1
+
+
+@pytest.mark.parametrize("kind", ["native", "gpt2", "llama"])
+def test_update_cum_under_adamw_the_residual_moves_along_v_l_only_through_the_reads(kind, hf_model):
+    """At every token, the writer part of the motion of ``h_l`` along ``v_l`` is zero after AdamW with weight decay
+    (embeddings, tied or not, included); the motion itself is not."""
+    aligned, model = (make_native(n_layers=L, d_model=D), make_native(n_layers=L, d_model=D)) if kind == "native" \
+        else (hf_model(kind), hf_model(kind))  # fmt: skip
+    aligned.eval()
+    v = rand_direction(int(model.cfg.n_layers), int(model.cfg.d_model))
+    train(model, block(model, v, "update-cum"))
+    model.eval()
+    toks = Tokens(int(model.cfg.d_vocab), batch=3, pos=8).batch(7).tokens
+    res = writer_motion(aligned, model, toks, v)
+    assert max(w for w, _ in res.values()) < 1e-4, res
+    assert min(m for _, m in res.values()) > 1e-3

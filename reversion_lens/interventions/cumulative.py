@@ -92,10 +92,21 @@ class CumulativeGradBlock(Intervention):
         return project_grad
 
     def _options(self) -> dict[str, Any]:
-        return {"shared": self.shared, "k": self.subspace.k, "span_dims": {str(j): int(b.shape[0]) for j, b in self.spans.items()}}
+        return {
+            "shared": self.shared,
+            "k": self.subspace.k,
+            "span_dims": {str(j): int(b.shape[0]) for j, b in self.spans.items()},
+        }
 
 
 _DOC = "project v_rev of every blocked layer >= j out of the gradient of layer j's residual writes"
 MODES.register("grad-cum", CumulativeGradBlock, needs=(), subspace=True, color="#D55E00", doc=_DOC)
-MODES.register("grad-shared", CumulativeGradBlock, needs=(), subspace=True, options={"shared": True}, color="#E69F00",
-               doc="project one span (v_rev of every blocked layer) out of the gradient of every residual write")
+MODES.register(
+    "grad-shared",
+    CumulativeGradBlock,
+    needs=(),
+    subspace=True,
+    options={"shared": True},
+    color="#E69F00",
+    doc="project one span (v_rev of every blocked layer) out of the gradient of every residual write",
+)

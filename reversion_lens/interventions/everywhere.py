@@ -15,7 +15,6 @@ still change, as for every gradient block.
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -82,8 +81,17 @@ class GradEverywhere(Intervention):
 
     def _options(self) -> dict[str, Any]:
         cos = (self.direction.vectors.double() @ self.vector.double()).tolist()
-        return {"vector": "normalised mean of the selected layers' vectors", "cos_with_layers": cos, "hooked": "every layer"}
+        return {
+            "vector": "normalised mean of the selected layers' vectors",
+            "cos_with_layers": cos,
+            "hooked": "every layer",
+        }
 
 
-MODES.register("grad-everywhere", GradEverywhere, needs=(), color="#999933",
-               doc="one vector (mean v_rev) projected out of the gradient at every resid_pre, attn_out, mlp_out")
+MODES.register(
+    "grad-everywhere",
+    GradEverywhere,
+    needs=(),
+    color="#999933",
+    doc="one vector (mean v_rev) projected out of the gradient at every resid_pre, attn_out, mlp_out",
+)

@@ -33,7 +33,9 @@ class Orthogonalize(Intervention):
     mode = "orthogonalize"
     edits_weights = True  # the runner evaluates step 0 itself: the edited model is not the aligned one
 
-    def __init__(self, model: Any, direction: Direction, layers: Sequence[int] | int | None = None, *, tied: str = "untie"):
+    def __init__(
+        self, model: Any, direction: Direction, layers: Sequence[int] | int | None = None, *, tied: str = "untie"
+    ):
         super().__init__(model, _one_vector(direction, self.mode), layers)
         if tied not in ("untie", "keep"):
             raise ConfigError(f"tied={tied!r}; use 'untie' (default) or 'keep' (see reversion_lens.orthogonalize).")
@@ -50,5 +52,10 @@ class Orthogonalize(Intervention):
         return {"tied": self.tied, "cos_with_layers": cos, "permanent": True}
 
 
-MODES.register("orthogonalize", Orthogonalize, needs=(), color="#AA4499",
-               doc="orthogonalize every residual-writing weight against one vector (mean v_rev) before fine-tuning")
+MODES.register(
+    "orthogonalize",
+    Orthogonalize,
+    needs=(),
+    color="#AA4499",
+    doc="orthogonalize every residual-writing weight against one vector (mean v_rev) before fine-tuning",
+)

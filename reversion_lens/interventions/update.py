@@ -136,7 +136,7 @@ MODES.register("update", UpdateBlock, needs=(), color="#000000", doc="keep v^T W
 
 
 def writer_layer(label: str) -> int:
-    """The layer a residual writer belongs to: ``EMBED`` (-1) for ``embed`` / ``pos_embed``, else ``l`` of ``blocks.{l}``."""
+    """The layer of a residual writer's label: ``EMBED`` (-1) for the embeddings, else ``l`` of ``blocks.{l}``."""
     if label.startswith(("embed.", "pos_embed.")):
         return EMBED
     return int(label.split(".")[1])
@@ -212,7 +212,9 @@ class CumulativeUpdateBlock(Intervention):
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         labels = [label for label, *_ in self.params]
         if sorted(state) != sorted(labels):
-            raise ConfigError(f"update-cum state holds {sorted(state)}, expected {sorted(labels)}; it is from another run.")
+            raise ConfigError(
+                f"update-cum state holds {sorted(state)}, expected {sorted(labels)}; it is from another run."
+            )
         self._pinned = [state[label].to(p) for label, _, p, _ in self.params]
 
     def _options(self) -> dict[str, Any]:
@@ -221,4 +223,4 @@ class CumulativeUpdateBlock(Intervention):
 
 
 MODES.register("update-cum", CumulativeUpdateBlock, needs=(), subspace=True, color="#6A3D9A",
-               doc="keep U_j^T W of every residual writer fixed, U_j = v_rev of every blocked layer >= j (exact under AdamW)")
+               doc="keep U_j^T W of every residual writer fixed, U_j = v_rev of each blocked layer >= j (AdamW: exact)")

@@ -221,7 +221,8 @@ def build_interventions(arm: Arm, model: Any, v: Direction, stats: dict[str, Res
         if arm.direction == "v_rev":
             direction = reversion_subspace(stats["base"], stats["aligned"], arm.k)
         else:
-            direction = random_subspace(v.d_model, v.layers, arm.k, seed + config.random_seed_offset, site=v.site, like=v)
+            rseed = seed + config.random_seed_offset
+            direction = random_subspace(v.d_model, v.layers, arm.k, rseed, site=v.site, like=v)
     providers = {
         "reference_model": lambda: hist.load("aligned"),  # a separate, frozen copy: never trained
         "probes": hist.probes,
