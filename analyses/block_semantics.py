@@ -292,8 +292,31 @@ def setting_rows(name: str, out: Path, config: ExperimentConfig, costs: dict[str
     return rows
 
 
+def verdict(all_rows: list[dict[str, Any]]) -> list[str]:
+    """Across settings: per arm, whether it holds (max over layers of the mean final cos vs the p99) and its harm cut."""
+    names = list(dict.fromkeys(r["setting"] for r in all_rows))
+    arms = list(dict.fromkeys(r["arm"] for r in all_rows if r["arm"] != "none"))
+    by = {(r["setting"], r["arm"]): r for r in all_rows}
+    lines = ["## Which block holds geometrically, and does it cut harm", "",
+             "Per setting: *holds* when no layer's mean final cos(drift, v_rev) exceeds the isotropic p99 (max over "
+             "layers in brackets); then the paired harm difference against `none` in points [95% CI].", "",
+             "| arm | " + " | ".join(names) + " |", "| --- | " + " | ".join("---" for _ in names) + " |"]  # fmt: skip
+    for arm in arms:
+        cells = []
+        for n in names:
+            r = by.get((n, arm))
+            if r is None:
+                cells.append("–")
+                continue
+            cells.append(f"{'holds' if r['holds'] else 'no'} ({r['max_final_cos']:.2f}); {_paired(r['harm_minus_none'])}")
+        lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
+    everywhere = [a for a in arms if all(by.get((n, a), {}).get("holds") for n in names)]
+    lines += ["", f"Holding in every setting listed: {', '.join(f'`{a}`' for a in everywhere) or 'none'}.", ""]
+    return lines
+
+
 def markdown(all_rows: list[dict[str, Any]], extras: dict[str, Any]) -> str:
-    lines = ["# Block semantics side by side", ""]
+    lines = ["# Block semantics side by side", "", *verdict(all_rows)]
     for name in dict.fromkeys(r["setting"] for r in all_rows):
         rows = [r for r in all_rows if r["setting"] == name]
         ex = extras.get(name, {})

@@ -6,6 +6,7 @@ steps with weight decay (float32 parameters: below 1e-5). The per-layer ``update
 """
 
 import pytest
+import torch
 from conftest import make_native
 from modes_helpers import Tokens, components, hf_dirs_modes, hf_model, rand_direction, sub, writer_motion  # noqa: F401
 
@@ -140,3 +141,11 @@ def test_update_cum_under_adamw_the_residual_moves_along_v_l_only_through_the_re
     res = writer_motion(aligned, model, toks, v)
     assert max(w for w, _ in res.values()) < 1e-4, res
     assert min(m for _, m in res.values()) > 1e-3
+
+
+def test_update_cum_refuses_lora_wrapped_writers():
+    """A LoRA layer (peft) inside a writer: the base weight is frozen, so pinning it would block nothing."""
+    model = make_native(n_layers=L, d_model=D)
+    model.blocks[1].mlp.out.original_component.lora_B = torch.nn.ModuleDict()  # what a peft LoRA layer carries
+    with pytest.raises(ConfigError, match="LoRA"):
+        block(model, rand_direction(L, D), "update-cum")

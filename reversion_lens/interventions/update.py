@@ -8,6 +8,31 @@ change alters what the writing weights read, so the activations' ``v`` component
 tied embeddings the unembedding shares the pinned matrix; the optimizer's moment estimates still hold
 ``v`` components (only the realised update is projected). Needs the loop to call ``after_step``
 (``finetune`` does) or ``optimizer=`` (a step post-hook).
+
+Gaps of ``update`` (kept as it is: per layer): each layer's writers are pinned along that layer's own ``v_l``
+only, so the writes of earlier layers reach layer ``l`` with their ``v_l`` component free (8-layer toy: final
+cosines 0.42-0.76); the embeddings are pinned along ``v_0`` only; parameters with ``requires_grad=False`` are
+skipped by :func:`residual_write_params` (harmless while they stay frozen, but the writes of LoRA adapters,
+``B A`` inside a frozen ``attn.o`` / ``mlp.out``, are then not blocked at all, silently); with tied embeddings
+the pin also freezes the unembedding's ``v_0`` row.
+
+``update-cum`` (:class:`CumulativeUpdateBlock`) is the update-space block exact under any optimizer for
+**every** weight that writes the residual stream (:func:`reversion_lens.orthogonalize.residual_writers`: token
+and position embeddings, each layer's ``attn.o`` and ``mlp.out`` weights and biases, frozen ones included):
+after each optimizer step the writers of layer ``j`` are reset along the span ``U_j`` of v_rev at every
+blocked layer ``l >= j`` (the embeddings: every blocked layer; ``shared=True``: one span at every writer), so
+``U_j^T W`` stays at its value at :meth:`attach` (to the rounding of the parameters' dtype). Guarantees:
+``max |u^T (W_t - W_0)| ~ 0`` for every writer ``W`` of a layer ``<= l`` and every ``u`` of layer ``l``'s
+(sub)space, under AdamW with weight decay, so the residual at layer ``l`` moves along ``v_l`` only through
+changed reads: ``v_l . (h_l(x; t) - h_l(x; 0)) = sum_j v_l^T W_j(0) (a_j(x; t) - a_j(x; 0))``, at every input
+and position. Tied embeddings: ``tied="keep"`` (default) pins the shared matrix, so the unembedding's read of
+every blocked direction is frozen too (``u^T W_U`` fixed; it can still change how it reads everything else);
+``tied="untie"`` gives the unembedding its own trainable copy first (the model then has one ``[vocab,
+d_model]`` matrix more than the other arms; only with a loop that builds its optimizer after attaching, as
+``finetune`` does). Does not: constrain the reads, or the optimizer's moments (only the realised weights are
+projected). Writers wrapped by LoRA adapters are refused with a clear error (the frozen base weight would be
+pinned, the adapter's ``B A`` not): the SafeLoRA-style block of an adapter keeps ``U_j^T B = 0`` (h-export's
+``lora.project_lora_update``).
 """
 
 from collections.abc import Mapping, Sequence
@@ -176,6 +201,13 @@ class CumulativeUpdateBlock(Intervention):
         self.shared, self.tied, self.optimizer = bool(shared), tied, optimizer
         self.spans = cumulative_spans(self.subspace, n_layers(model), self.shared)
         writers = residual_writers(model)
+        adapted = sorted({w.label.rsplit(".", 1)[0] for w in writers if hasattr(w.module, "lora_B")})
+        if adapted:  # the write is W x + s B A x with W frozen: pinning W blocks nothing
+            raise ConfigError(
+                f"{', '.join(adapted)} carry LoRA adapters; update-cum pins full weights, whose frozen base blocks "
+                "nothing. Keep the adapters' B matrices orthogonal instead (reversion_lens.lora.project_lora_update, "
+                "branch h-export), or merge the adapters first."
+            )
         self.params = [(w.label, writer_layer(w.label), w.parameter, w.axis) for w in writers
                        if writer_layer(w.label) in self.spans]  # fmt: skip
         self._pinned: list[Tensor] = []
