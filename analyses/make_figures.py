@@ -1,18 +1,21 @@
-"""Regenerate every paper figure from a results folder, as self-contained HTML and PNG.
+"""Regenerate the report and every paper figure from a results folder.
 
     python analyses/make_figures.py                          # runs the default demo first if needed
     python analyses/make_figures.py --results results/demo --out figures --format png
 
-PNG export uses kaleido with a Chromium (Debian: ``apt-get install chromium``); without one, the HTML
-files are still written and the script says how to get the PNGs.
+Writes RESULTS/report.html (the summary tables and every figure in one page that opens offline) and each
+figure into --out as a small HTML file (they share --out/plotly.min.js: move the folder, not one file) and
+a PNG. PNG export uses kaleido with a Chromium (Debian: ``apt-get install chromium``, or point
+BROWSER_PATH at one); without one, the rest is still written and one line says how to get the PNGs.
 """
 
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from reversion_lens.export import png_available
+from reversion_lens.export import PngUnavailableWarning
 from reversion_lens.report import write_report
 
 DEFAULT_RESULTS = Path("results/demo")
@@ -33,16 +36,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no results in {results}: running the default demo first")
             demo(["--out", str(results), "--figures", "none"])
     formats = {"html": ("html",), "png": ("png",), "both": ("html", "png")}[args.format]
-    if "png" in formats:
-        ok, why = png_available()
-        if not ok:
-            print(f"PNG export unavailable: {why}\nWriting HTML only.", file=sys.stderr)
-            formats = ("html",)
     t0 = time.perf_counter()
-    written = write_report(results, args.out, formats=formats)
-    for name, paths in sorted(written.items()):
+    with warnings.catch_warnings():  # the skip is printed below, once
+        warnings.simplefilter("ignore", PngUnavailableWarning)
+        report = write_report(results, args.out, formats=formats)
+    for name, paths in report.figures.items():
         print(f"{name:22s} " + "  ".join(str(p) for p in paths))
-    print(f"{sum(len(p) for p in written.values())} files in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    if report.plotlyjs:
+        print(f"{'(shared plotly.js)':22s} {report.plotlyjs}")
+    print(f"report: {report.html} ({report.html.stat().st_size / 1e6:.1f} MB, opens offline)")
+    if report.png_skipped:
+        print(f"PNG export unavailable: {report.png_skipped}", file=sys.stderr)
+    print(f"{len(report.paths)} files in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

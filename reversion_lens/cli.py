@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heldout", help="held-out prompt/response data for task loss and accuracy (optional)")
     t.add_argument("--eval-steps", help="comma list of steps to evaluate at (default: 0 and N)")
     t.add_argument("--penalty-weight", type=float, default=1.0, help="weight of the penalty modes (default 1)")
-    t.add_argument("--judge", default="refusal", help="judge for --eval-prompts: refusal or module:callable")
+    t.add_argument("--judge", default="refusal", help="refusal, classifier:FOLDER, llm:MODEL or package.module:name")
     t.add_argument("--max-new-tokens", type=int, default=48)
     t.add_argument("--response-field", default="response", help="field holding the response in --data records")
     t.add_argument("--checkpoint-every", type=int, help="resumable state every K steps (default: auto, <= ~5%% overhead)")
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="model spec (a folder written by --save-model works)")
     e.add_argument("--prompts", required=True, help="harmful prompts: a prompt source (harmbench:test, a file)")
     e.add_argument("--benign", help="benign prompts for the over-refusal rate (optional)")
-    e.add_argument("--judge", default="refusal", help="refusal (refusal-phrase judge, default) or module:callable")
+    e.add_argument("--judge", default="refusal",
+                   help="refusal (refusal phrases, default), classifier:FOLDER, llm:MODEL or package.module:name")
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     e.add_argument("--out", type=Path, help="result folder for responses.jsonl and summary.txt (optional)")
@@ -184,8 +185,9 @@ def _write_report(out: Path, figures: str) -> None:
     from .report import write_report
 
     formats = {"html": ("html",), "png": ("png",), "both": ("html", "png")}[figures]
-    written = write_report(out, formats=formats)
-    _say(f"figures: {sum(len(v) for v in written.values())} files in {out / 'figures'}")
+    report = write_report(out, formats=formats)
+    _say(f"report: {report.html}; {len(report.figures)} figures in {out / 'figures'}"
+         + (f" (no PNGs: {report.png_skipped})" if report.png_skipped else ""))  # fmt: skip
 
 
 # ---------------------------------------------------------------------- run
@@ -352,9 +354,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.benign:
         params["eval_benign"] = {"path": args.benign, "field": args.prompt_field}
     hf = HFConfig.from_params(params)  # every option checked before the model loads
-    from .hf.evaluate import _judge
+    from .hf.evaluate import check_judge
 
-    _judge(hf.judge)
+    check_judge(hf.judge)
     spec = parse_spec(args.model, **{k: v for k, v in _placement(args).items()})
     model = spec.load()
     evaluate = make_evaluator(hf, model)

@@ -412,7 +412,8 @@ def harm_vs_alignment(traj: pd.DataFrame, layer: int) -> go.Figure:
     if len(data) < 3:
         raise ResultsFormatError(f"{fn}: only {len(data)} rows at layer {layer} have both cos and harmful_rate; "
                                  "evaluate harmfulness at more tracked steps.")
-    rho, pval = _sps.spearmanr(data["cos"], data["harmful_rate"])
+    constant = data["cos"].nunique() < 2 or data["harmful_rate"].nunique() < 2
+    rho, pval = (np.nan, np.nan) if constant else _sps.spearmanr(data["cos"], data["harmful_rate"])
     if np.isnan(rho):
         corr = "Spearman ρ undefined (constant values)"
     else:

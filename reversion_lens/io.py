@@ -16,6 +16,7 @@ import pickle
 import platform
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,16 @@ def _git_state() -> tuple[str | None, bool | None]:
     return commit, (None if status is None else bool(status.strip()))
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     """Package versions, platform and git state, recorded in every results folder.
 
@@ -260,6 +271,10 @@ def environment() -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "versions": versions,
+        "cpu": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": commit,

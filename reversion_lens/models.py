@@ -4,10 +4,14 @@
   ``model.safetensors`` (TL-keyed ``bridge.state_dict()``), written by :func:`save_native`.
 * **Hugging Face**: a local directory (no network) or, for users with hub access, a hub name with a
   ``revision`` or a Pythia training step (``checkpoint_value``).
+* **GGUF**: a ``.gguf`` file (llama.cpp's format), loaded through ``transformers`` (which needs the ``gguf``
+  package) and dequantized to float, then booted like any Hugging Face model (:func:`load_gguf`).
+  Export a fine-tuned model with :func:`reversion_lens.hf_export.save_hf`.
 
 Only safetensors (or ``torch.load(weights_only=True)``) is ever read.
 """
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -23,6 +27,10 @@ __all__ = [
     "load_native",
     "boot_native",
     "load_hf",
+    "load_gguf",
+    "find_gguf",
+    "gguf_signature",
+    "require_gguf",
     "native_config",
     "hf_signature",
     "native_signature",
@@ -237,3 +245,158 @@ def load_hf(
             + ("HF_HUB_OFFLINE=1 is set, so only models already in the local cache load; " if offline else "")
             + "check the name, the revision or step, and your hub access, or pass a local directory."
         ) from e
+
+
+# ---------------------------------------------------------------------- GGUF
+GGUF_SUFFIX = ".gguf"
+
+
+def require_gguf() -> None:
+    """Raise :class:`SpecError` unless the ``gguf`` package (needed to read GGUF files) is installed."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise SpecError("GGUF models need the gguf package (transformers reads GGUF with it): pip install gguf") from e
+
+
+def find_gguf(path: str | os.PathLike) -> Path:
+    """The ``.gguf`` file that ``path`` names: the file itself, or the only ``.gguf`` file in a folder.
+
+    Raises :class:`SpecError` for a missing path, a file that is not ``.gguf``, or a folder holding none or
+    several (naming them).
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != GGUF_SUFFIX:
+            raise SpecError(f"{path} is not a .gguf file; a GGUF spec names a .gguf file or a folder holding one.")
+        return path.resolve()
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == GGUF_SUFFIX)
+        if len(found) == 1:
+            return found[0].resolve()
+        if not found:
+            raise SpecError(f"{path} holds no .gguf file; name the .gguf file itself (gguf:PATH/TO/model.gguf).")
+        raise SpecError(
+            f"{path} holds {len(found)} .gguf files ({', '.join(p.name for p in found)}); name one of them: "
+            f"gguf:{path / found[0].name}"
+        )
+    raise SpecError(f"{path} does not exist; a GGUF spec names a .gguf file or a folder holding exactly one.")
+
+
+def gguf_signature(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``{n_layers, d_model, d_vocab, architecture}`` from a GGUF file's metadata (no weights read).
+
+    ``architecture`` is GGUF's ``general.architecture`` (``llama`` for the Llama family, as Hugging Face's
+    ``model_type``). ``None`` when the metadata lacks a field. Reads only the header's key-value section and
+    stops once it has what it needs (milliseconds; ``gguf.GGUFReader`` parses the whole file's metadata,
+    9-11 s for SmolLM2-135M here).
+    """
+    file = find_gguf(path)
+    st = file.stat()
+    return _gguf_signature(str(file), st.st_mtime_ns, st.st_size)
+
+
+# GGUF value types -> struct format (strings and arrays are handled apart); see the GGUF spec (ggml docs/gguf.md).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_signature(file: str, mtime_ns: int, size: int) -> dict[str, Any] | None:
+    import struct
+
+    def read(f: Any, fmt: str) -> Any:
+        n = struct.calcsize(fmt)
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        return struct.unpack(fmt, data)[0]
+
+    def skip_value(f: Any, vtype: int) -> None:
+        if vtype in _GGUF_SCALARS:
+            f.seek(struct.calcsize("<" + _GGUF_SCALARS[vtype]), 1)
+        elif vtype == _GGUF_STRING:
+            f.seek(read(f, "<Q"), 1)
+        elif vtype == _GGUF_ARRAY:
+            etype, count = read(f, "<I"), read(f, "<Q")
+            if etype in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[etype]), 1)
+            else:
+                for _ in range(count):
+                    skip_value(f, etype)
+        else:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+    meta: dict[str, Any] = {}
+    try:
+        with open(file, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "<I") not in (2, 3):
+                raise ValueError("not a little-endian GGUF v2/v3 file")
+            read(f, "<Q")  # tensor count
+            for _ in range(read(f, "<Q")):
+                key = f.read(read(f, "<Q")).decode("utf-8", "replace")
+                vtype = read(f, "<I")
+                if vtype in _GGUF_SCALARS:
+                    meta[key] = read(f, "<" + _GGUF_SCALARS[vtype])
+                elif vtype == _GGUF_STRING:
+                    meta[key] = f.read(read(f, "<Q")).decode("utf-8", "replace")
+                elif vtype == _GGUF_ARRAY and key == "tokenizer.ggml.tokens":
+                    pos = f.tell()
+                    f.seek(4, 1)
+                    meta[key] = read(f, "<Q")  # the token count is the vocabulary size
+                    f.seek(pos)
+                    skip_value(f, vtype)
+                else:
+                    skip_value(f, vtype)
+                arch = meta.get("general.architecture")
+                if arch and all(f"{arch}.{k}" in meta for k in ("block_count", "embedding_length", "vocab_size")):
+                    break
+    except (EOFError, ValueError, struct.error) as e:
+        raise SpecError(f"{file} is not a readable GGUF file ({e}).") from e
+    arch = meta.get("general.architecture")
+    if arch is None:
+        return None
+    n_layers, d_model = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.embedding_length")
+    vocab = meta.get(f"{arch}.vocab_size", meta.get("tokenizer.ggml.tokens"))
+    if None in (n_layers, d_model, vocab):
+        return None
+    return {"n_layers": int(n_layers), "d_model": int(d_model), "d_vocab": int(vocab), "architecture": str(arch)}
+
+
+def load_gguf(
+    path: str | os.PathLike, *, device: str | None = None, dtype: torch.dtype | str | None = None, **kwargs: Any
+) -> Any:
+    """A ``TransformerBridge`` over a GGUF model: ``transformers`` loads and dequantizes it, the bridge boots on it.
+
+    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` and ``AutoTokenizer.from_pretrained(folder,
+    gguf_file=name)`` (no network), then ``TransformerBridge.boot_transformers(path, hf_model=..., tokenizer=...)``.
+    Quantization noise is part of the weights; the model is float (``dtype``, default float32) on ``device``.
+
+    Args:
+        path: a ``.gguf`` file, or a folder holding exactly one.
+        device: one device (default ``"cpu"``).
+        dtype: the float dtype of the dequantized weights.
+        kwargs: further ``boot_transformers`` keywords (``n_ctx``, ...).
+
+    Returns:
+        The bridge (eval mode); ``cfg.model_name`` is the ``.gguf`` file's path.
+    """
+    from transformer_lens import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = find_gguf(path)
+    require_gguf()
+    dtype = parse_dtype(dtype) or torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        hf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+    except (ValueError, OSError, KeyError, NotImplementedError) as e:
+        raise SpecError(
+            f"transformers could not load {file} ({type(e).__name__}: {e}). GGUF support covers the architectures "
+            "transformers lists for gguf_file (llama, mistral, qwen2, gemma, ...); convert other models to a Hugging "
+            "Face folder first."
+        ) from e
+    hf = hf.to(device or "cpu").eval()
+    return TransformerBridge.boot_transformers(
+        str(file), hf_model=hf, tokenizer=tokenizer, device=device or "cpu", dtype=dtype, **kwargs
+    )

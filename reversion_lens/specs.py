@@ -9,6 +9,10 @@ spec                                       meaning
                                            with published checkpoints (Pythia; ``@1000`` works too)
 ``./runs/aligned`` (a folder)              a local Hugging Face directory, or a native checkpoint
                                            written by :func:`reversion_lens.models.save_native`
+``gguf:PATH``, ``model.gguf``               a GGUF file (llama.cpp), dequantized by ``transformers`` (needs
+                                           ``pip install gguf``); ``PATH`` may be a folder holding exactly
+                                           one ``.gguf`` file, and such a folder (without ``config.json``)
+                                           is a GGUF spec by itself
 =========================================  ============================================================
 
 Everything that can be checked without loading weights is checked when the spec is made
@@ -18,7 +22,8 @@ Everything that can be checked without loading weights is checked when the spec 
   (online: a name, revision or gated model that the hub rejects; only ``config.json`` is fetched);
 * a revision or step for a local folder (folders have no revisions: one folder per checkpoint);
 * a step that the model family does not have (TransformerLens's own label list, local data);
-* a folder that is neither a Hugging Face model nor a native checkpoint; an unknown dtype; a CUDA
+* a folder that is neither a Hugging Face model nor a native checkpoint nor holds one ``.gguf`` file; a
+  folder with several ``.gguf`` files; a GGUF spec without the ``gguf`` package; an unknown dtype; a CUDA
   device, or more devices, than the machine has;
 * base and aligned specs whose configs disagree (:func:`check_compatible`, from ``config.json`` alone).
 
@@ -27,7 +32,7 @@ Placement options go to ``TransformerBridge.boot_transformers`` (TransformerLens
 ``"balanced_low_0"``, ``"sequential"`` or a dict module -> device, dispatched by accelerate; excludes
 ``device``), or ``n_devices`` (split over that many CUDA GPUs; TL turns it into ``device_map="balanced"``
 with a per-GPU ``max_memory``). Extra ``boot_transformers`` keywords (``max_memory``, ``n_ctx``,
-``trust_remote_code``) go in ``hf_kwargs``. Native checkpoints load on one device only.
+``trust_remote_code``) go in ``hf_kwargs``. Native checkpoints and GGUF files load on one device only.
 """
 
 import dataclasses
@@ -42,11 +47,24 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleCheckpointsError, SpecError
-from .models import dir_signature, is_hf_dir, is_native_dir, load_hf, load_native, parse_dtype
+from .models import (
+    GGUF_SUFFIX,
+    dir_signature,
+    find_gguf,
+    gguf_signature,
+    is_hf_dir,
+    is_native_dir,
+    load_gguf,
+    load_hf,
+    load_native,
+    parse_dtype,
+    require_gguf,
+)
 
 __all__ = ["ModelSpec", "parse_spec", "as_spec", "check_compatible", "make_history", "hub_offline"]
 
-KINDS = ("hub", "hf_dir", "native")
+KINDS = ("hub", "hf_dir", "native", "gguf")
+GGUF_PREFIX = "gguf:"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -64,13 +82,14 @@ def hub_offline() -> bool:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model state to load: a hub name (with a revision or training step), a local HF folder or a native one.
+    """A model state to load: a hub name (with a revision or training step), a local HF folder, a native one
+    or a GGUF file.
 
     Build with :func:`parse_spec` (which validates); :meth:`load` returns a ``TransformerBridge``.
 
     Attributes:
-        name: the hub repo id (aliases resolved) or the folder's absolute path.
-        kind: ``"hub"``, ``"hf_dir"`` or ``"native"``.
+        name: the hub repo id (aliases resolved), the folder's absolute path, or the ``.gguf`` file's.
+        kind: ``"hub"``, ``"hf_dir"``, ``"native"`` or ``"gguf"``.
         revision: a hub revision (branch, tag, commit).
         checkpoint_value: a training step of a checkpointed family (Pythia ``step{value}``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (CUDA when available) or ``None`` (CPU).
@@ -102,7 +121,7 @@ class ModelSpec:
 
     @property
     def is_local(self) -> bool:
-        return self.kind in ("hf_dir", "native")
+        return self.kind in ("hf_dir", "native", "gguf")
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "ModelSpec":
@@ -119,6 +138,9 @@ class ModelSpec:
             raise SpecError(f"{self.name}: give a revision or a training step, not both.")
         parse_dtype(self.dtype)
         self._check_placement()
+        if self.kind == "gguf":
+            find_gguf(self.name)
+            require_gguf()
         if self.kind == "hub":
             if self.checkpoint_value is not None:
                 _check_step(self.name, self.checkpoint_value)
@@ -134,9 +156,10 @@ class ModelSpec:
                 f"{self}: device={self.device!r} and device_map={self.device_map!r} both given; they are "
                 "mutually exclusive (TransformerLens boot_transformers). Pass one of them."
             )
-        if self.kind == "native" and (self.device_map is not None or (self.n_devices or 1) > 1):
+        if self.kind in ("native", "gguf") and (self.device_map is not None or (self.n_devices or 1) > 1):
+            what = "a native checkpoint" if self.kind == "native" else "a GGUF file"
             raise SpecError(
-                f"{self.name} is a native checkpoint, which loads on one device; drop device_map / n_devices "
+                f"{self.name} is {what}, which loads on one device; drop device_map / n_devices "
                 "and pass device= instead."
             )
         if self.n_devices is not None:
@@ -222,6 +245,8 @@ class ModelSpec:
 
         Local folders always have one; hub models have one when their ``config.json`` is in the local cache.
         """
+        if self.kind == "gguf":
+            return gguf_signature(self.name)
         if self.is_local:
             return dir_signature(self.name)
         from huggingface_hub import try_to_load_from_cache
@@ -240,6 +265,8 @@ class ModelSpec:
         self.validate()
         if self.kind == "native":
             return load_native(self.name, device=self.resolved_device(), dtype=parse_dtype(self.dtype))
+        if self.kind == "gguf":
+            return load_gguf(self.name, device=self.resolved_device(), dtype=parse_dtype(self.dtype), **self.hf_kwargs)
         return load_hf(
             self.name,
             revision=self.revision,
@@ -328,8 +355,8 @@ def parse_spec(text: "str | os.PathLike | ModelSpec", **options: Any) -> ModelSp
     """Parse and validate a spec string (see the module docstring); ``options`` set the ModelSpec fields.
 
     Args:
-        text: ``NAME``, ``NAME@REVISION``, ``PYTHIA_NAME@stepN``, a folder path, or a ModelSpec (options
-            then replace its fields).
+        text: ``NAME``, ``NAME@REVISION``, ``PYTHIA_NAME@stepN``, a folder path, ``gguf:PATH`` / a ``.gguf``
+            file, or a ModelSpec (options then replace its fields).
         options: ``device``, ``dtype``, ``n_devices``, ``device_map``, ``hf_kwargs``; ``None`` values are
             ignored.
 
@@ -347,6 +374,8 @@ def parse_spec(text: "str | os.PathLike | ModelSpec", **options: Any) -> ModelSp
     raw = os.fspath(text).strip()
     if not raw:
         raise SpecError("empty model spec; give a hub name, NAME@REVISION or a local directory.")
+    if raw.startswith(GGUF_PREFIX):
+        return ModelSpec(name=str(find_gguf(raw[len(GGUF_PREFIX):])), kind="gguf", **options).validate()
     path = Path(raw).expanduser()
     if path.exists():
         return ModelSpec(**_local(path), **options).validate()
@@ -375,15 +404,23 @@ def parse_spec(text: "str | os.PathLike | ModelSpec", **options: Any) -> ModelSp
 
 
 def _local(path: Path) -> dict[str, Any]:
+    if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
+        return {"name": str(find_gguf(path)), "kind": "gguf"}
     if not path.is_dir():
-        raise SpecError(f"{path} is a file; a local model is a directory (a Hugging Face model or a native checkpoint).")
+        raise SpecError(
+            f"{path} is a file; a local model is a directory (a Hugging Face model or a native checkpoint) or a "
+            ".gguf file."
+        )
     if is_native_dir(path):
         return {"name": str(path.resolve()), "kind": "native"}
     if is_hf_dir(path):
         return {"name": str(path.resolve()), "kind": "hf_dir"}
+    if any(p.suffix.lower() == GGUF_SUFFIX for p in path.iterdir() if p.is_file()):
+        return {"name": str(find_gguf(path)), "kind": "gguf"}  # exactly one, or find_gguf names them all
     raise SpecError(
         f"{path} is neither a Hugging Face model directory (config.json with a model_type) nor a native "
-        "checkpoint (config.json + model.safetensors from reversion_lens.models.save_native)."
+        "checkpoint (config.json + model.safetensors from reversion_lens.models.save_native), and holds no "
+        ".gguf file."
     )
 
 

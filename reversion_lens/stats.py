@@ -416,7 +416,10 @@ def paired_test(a: ArrayLike, b: ArrayLike, level: float = 0.95, seed: int = 0) 
     flipped = np.abs((signs * diff).mean(1))
     p_flip = float((flipped >= observed - 1e-12 * max(1.0, observed)).mean())
     sd = diff.std(ddof=1)
-    p_t = float(scipy.stats.ttest_1samp(diff, 0.0).pvalue) if sd > 0 else (0.0 if observed > 0 else 1.0)
+    if sd > 1e-12 * max(1.0, observed):
+        p_t = float(scipy.stats.ttest_1samp(diff, 0.0).pvalue)
+    else:  # identical differences: no spread to test against
+        p_t = 0.0 if observed > 0 else 1.0
     return {**out, "p_signflip": p_flip, "p_t": p_t}
 
 

@@ -1,12 +1,8 @@
-"""Text probes and text fine-tuning data: files, Hugging Face data sets, chat templates.
+"""Text probes and text fine-tuning data: chat templates, tokens, padded probe sets, fine-tuning batches.
 
-Sources (:func:`read_prompts`, :func:`read_examples`):
-
-* ``prompts.txt``: one prompt per line (blank lines skipped);
-* ``data.jsonl``: one JSON object per line with a ``prompt`` field (and ``response`` for fine-tuning);
-* ``data.json``: a list of such objects, or a list of strings (prompts only);
-* ``hf:OWNER/NAME[@SPLIT]``: a Hugging Face ``datasets`` data set (hub access or the local cache;
-  ``datasets`` is imported only then). Field names are arguments (``prompt_field="goal"``).
+Sources (:func:`read_prompts`, :func:`read_examples`, :func:`parse_where`, :class:`Example`) live in
+:mod:`reversion_lens.sources` and are re-exported here: .txt, .jsonl, .json, .csv files and ``hf:``
+data sets, with field names and a ``where`` row filter.
 
 Chat templates: with ``chat="auto"`` (default) a prompt is wrapped as one user turn by the model's
 tokenizer template when it has one (``apply_chat_template(..., add_generation_prompt=True)``) and used
@@ -22,22 +18,20 @@ end-of-turn token included; for plain text: the response then EOS).
 """
 
 import hashlib
-import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import ProbeError, SpecError
+from .errors import ProbeError
 from .probes import ProbeSet, pad_sequences
+from .sources import Example, parse_where, read_examples, read_prompts
 from .training import Batch
 
 __all__ = [
     "Example",
+    "parse_where",
     "read_prompts",
     "read_examples",
     "has_chat_template",
@@ -48,125 +42,6 @@ __all__ = [
     "text_probes",
     "TextBatchSource",
 ]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One fine-tuning example: a prompt and the response the model should learn."""
-
-    prompt: str
-    response: str
-
-
-# ------------------------------------------------------------------ reading sources
-def _records(source: str | os.PathLike, split: str, config: str | None) -> tuple[list[Any], str]:
-    """Raw records (strings or dicts) and a label for messages."""
-    raw = os.fspath(source)
-    if raw.startswith("hf:"):
-        return _hf_records(raw[3:], split, config), raw
-    path = Path(raw).expanduser()
-    if not path.is_file():
-        raise SpecError(
-            f"{raw}: no such file. Give a .txt (one prompt per line), .jsonl or .json file, or a Hugging Face "
-            "data set as hf:OWNER/NAME[@SPLIT]."
-        )
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ProbeError(f"{path} line {i} is not valid JSON ({e}); each line must be one JSON object.") from e
-        return out, str(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{path} is not valid JSON ({e}).") from e
-        if not isinstance(data, list):
-            raise ProbeError(f"{path} must hold a JSON list of strings or objects, not a {type(data).__name__}.")
-        return data, str(path)
-    return [line.rstrip("\r") for line in text.splitlines() if line.strip()], str(path)
-
-
-def _hf_records(name: str, split: str, config: str | None) -> list[Any]:
-    name, _, at_split = name.partition("@")
-    split = at_split or split
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is optional
-        raise SpecError(f"hf:{name} needs the `datasets` package: pip install datasets.") from e
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except (ConnectionError, OSError, ValueError, FileNotFoundError) as e:
-        flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-        offline = any(os.environ.get(v, "").upper() in ("1", "TRUE", "YES", "ON") for v in flags)
-        raise SpecError(
-            f"could not load the Hugging Face data set {name!r} (split {split!r}"
-            + (f", config {config!r}" if config else "")
-            + f"): {e}. "
-            + ("Offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), so only cached data sets load. " if offline else "")
-            + "Check the name and split, run once with hub access, or export the prompts to a .jsonl file."
-        ) from e
-    return list(ds)
-
-
-def _field(record: Any, field: str, where: str) -> str:
-    if isinstance(record, str) and field == "prompt":
-        return record
-    if not isinstance(record, dict) or field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ProbeError(f"{where} has no {field!r} field (it has {keys}); pass the field name, e.g. prompt_field='goal'.")
-    value = record[field]
-    if not isinstance(value, str):
-        raise ProbeError(f"{where}: field {field!r} must be a string, got {type(value).__name__}.")
-    return value
-
-
-def read_prompts(
-    source: str | os.PathLike,
-    *,
-    prompt_field: str = "prompt",
-    split: str = "train",
-    config: str | None = None,
-    limit: int | None = None,
-) -> list[str]:
-    """Prompts from a text / JSONL / JSON file or ``hf:NAME[@SPLIT]`` (see the module docstring)."""
-    records, label = _records(source, split, config)
-    prompts = [_field(r, prompt_field, f"{label} record {i}") for i, r in enumerate(records)]
-    prompts = prompts[:limit] if limit is not None else prompts
-    if not prompts:
-        raise ProbeError(f"{label} holds no prompts; give a file with at least one non-empty line or record.")
-    return prompts
-
-
-def read_examples(
-    source: str | os.PathLike,
-    *,
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    split: str = "train",
-    config: str | None = None,
-    limit: int | None = None,
-) -> list[Example]:
-    """Prompt/response pairs from a JSONL / JSON file or ``hf:NAME[@SPLIT]``."""
-    records, label = _records(source, split, config)
-    if records and all(isinstance(r, str) for r in records):
-        raise ProbeError(
-            f"{label} holds plain prompts; fine-tuning data needs a response too. Use JSONL lines such as "
-            '{"prompt": "...", "response": "..."}.'
-        )
-    out = [
-        Example(_field(r, prompt_field, f"{label} record {i}"), _field(r, response_field, f"{label} record {i}"))
-        for i, r in enumerate(records)
-    ]
-    out = out[:limit] if limit is not None else out
-    if not out:
-        raise ProbeError(f"{label} holds no examples.")
-    return out
 
 
 # ------------------------------------------------------------------ chat templates and tokens

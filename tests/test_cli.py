@@ -12,7 +12,6 @@ import torch
 from hf_fixtures import hf_hidden_means, perturbed_copy, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
 
 from reversion_lens import cli
-from reversion_lens.directions import Direction
 from reversion_lens.io import load_tensors
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -65,41 +64,39 @@ def test_direction_means_match_transformers(tiny_dirs, files, tmp_path, capsys, 
     aligned = tiny_dirs[arch, "aligned"] if not chat else perturbed_copy(base, tmp_path / "chat_aligned")
     out = tmp_path / "out"
     argv = ["direction", "--base", str(base), "--aligned", str(aligned), "--prompts", str(files / "prompts.txt"),
-            "--out", str(out), "--batch-size", "2"]  # fmt: skip
+            "--out", str(out), "--batch-size", "2", "--device", "cpu"]  # fmt: skip
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    assert "probe statistics" in captured.err  # the progress bar
     assert captured.out.startswith("reversion-lens direction: v_rev") and (out / "summary.txt").read_text() == captured.out
 
     bos = arch == "gpt2"  # GPT-2 prepends BOS, Pythia/GPT-NeoX does not (TransformerLens' per-model default)
     ref = {name: hf_hidden_means(d, PROMPTS, chat=chat, bos=bos) for name, d in (("base", base), ("aligned", aligned))}
+    seed = out / "runs" / "seed0"  # the pipeline's results folder: seed 0 of a Hugging Face experiment
     for name in ("base", "aligned"):
-        tensors, meta = load_tensors(out / "stats" / f"{name}.safetensors")
+        tensors, meta = load_tensors(seed / "history" / f"{name}.safetensors")
         assert {"mean", "sum"} <= set(tensors) and tensors["mean"].shape == (3, 32)
         torch.testing.assert_close(tensors["mean"].double(), ref[name], atol=1e-4, rtol=0)
-    tensors, _ = load_tensors(out / "direction.safetensors")
-    v = tensors["v_rev"]
+    v = load_tensors(seed / "direction.safetensors")[0]["v_rev"]
     assert v.dtype == torch.float32 and v.shape == (3, 32)
     torch.testing.assert_close(v.double(), _unit(ref["base"] - ref["aligned"]), atol=1e-4, rtol=0)
     assert (ref["base"] - ref["aligned"]).norm(dim=1).min() > 0.1  # the comparison can fail: the checkpoints differ
-
+    info = json.loads((seed / "seed.json").read_text())
+    d = 32
+    assert info["nulls"]["isotropic"] == [pytest.approx(2 * scipy.stats.beta.ppf(0.99, (d - 1) / 2, (d - 1) / 2) - 1)] * 3
+    assert len(info["nulls"]["matched"]) == 3 and all(0 < x < 1 for x in info["nulls"]["matched"])  # the matched null too
     cfg = json.loads((out / "config.json").read_text())
-    probes_meta = load_tensors(out / "probes.safetensors")[1]
-    assert cfg["command"] == "direction" and cfg["argv"][1:] == argv
-    assert cfg["specs"]["base"]["spec"] == str(base) and cfg["specs"]["aligned"]["kind"] == "hf_dir"
-    assert cfg["probes"]["hash"] == probes_meta["hash"] and cfg["probes"]["n"] == len(PROMPTS)
-    assert cfg["probes"]["chat"] is chat
-    assert cfg["environment"]["versions"]["transformer-lens"] and cfg["layers"] == [0, 1, 2]
+    assert cfg["config"]["setting"] == "hf" and cfg["config"]["hf"]["base"] == str(base)
+    assert cfg["config"]["hf"]["chat"] == "auto" and cfg["environment"]["versions"]["transformer-lens"]
 
 
-def test_direction_layer_subset(gpt2_direction, tiny_dirs, files, tmp_path):
-    out = tmp_path / "sub"
-    argv = ["direction", "--base", str(tiny_dirs["gpt2", "base"]), "--aligned", str(tiny_dirs["gpt2", "aligned"]),
-            "--prompts", str(files / "prompts.txt"), "--out", str(out), "--layers", "1-2"]  # fmt: skip
-    assert cli.main(argv) == 0
-    sub, full = Direction.load(out / "direction.safetensors"), Direction.load(gpt2_direction / "direction.safetensors")
-    assert sub.layers == (1, 2)
-    torch.testing.assert_close(sub.vectors, full.vectors[1:], atol=1e-6, rtol=0)  # batching does not matter
+def test_bad_method_and_site_fail_before_loading(no_loading, tiny_dirs, files, tmp_path, capsys):
+    common = ["direction", "--base", str(tiny_dirs["gpt2", "base"]), "--aligned", str(tiny_dirs["gpt2", "aligned"]),
+              "--prompts", str(files / "prompts.txt"), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert cli.main([*common, "--method", "median"]) == 2
+    assert "unknown direction estimator 'median'" in capsys.readouterr().err
+    assert cli.main([*common, "--site", "resid_middle"]) == 2
+    assert "unknown site 'resid_middle'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
@@ -132,39 +129,39 @@ def test_missing_prompts_file_fails_before_loading(no_loading, tiny_dirs, tmp_pa
 
 
 # ---------------------------------------------------------------- track
-def test_track_writes_the_trajectory_table(gpt2_direction, tiny_dirs, files, tmp_path, capsys):
+def test_track_runs_one_arm_of_the_pipeline(gpt2_direction, tiny_dirs, files, tmp_path, capsys):
+    from reversion_lens.pipeline import trajectory_columns
+
     out = tmp_path / "track"
     argv = ["track", "--model", str(tiny_dirs["gpt2", "aligned"]), "--data", str(files / "data.jsonl"),
             "--prompts", str(files / "prompts.txt"), "--direction", str(gpt2_direction), "--steps", "4",
             "--block", "grad", "--lr", "1e-3", "--train-batch-size", "2", "--track-every", "2",
-            "--eval-prompts", str(files / "prompts.txt"), "--max-new-tokens", "3", "--out", str(out)]  # fmt: skip
+            "--eval-prompts", str(files / "prompts.txt"), "--max-new-tokens", "3", "--out", str(out), "--device", "cpu"]  # fmt: skip
     assert cli.main(argv) == 0
-    assert "fine-tuning" in capsys.readouterr().err
+    assert "| `grad:v_rev` |" in capsys.readouterr().out  # the pipeline's summary
     table = pd.read_csv(out / "trajectories.csv")
-    assert tuple(table.columns) == cli.TRAJECTORY_COLUMNS
+    assert tuple(table.columns) == trajectory_columns()  # one schema for every command
     assert sorted(set(table.step)) == [0, 2, 4] and len(table) == 3 * 3
     assert set(table.arm) == {"grad:v_rev"} and set(table.seed) == {0}
     d = 32
     assert table.null_p99_isotropic.eq(2 * scipy.stats.beta.ppf(0.99, (d - 1) / 2, (d - 1) / 2) - 1).all()
-    assert table.null_p99_matched.isna().all()
-    assert table[table.step == 0].drift_norm.abs().max() < 1e-5  # step 0 is the aligned model itself
+    assert table.null_p99_matched.notna().all()  # the covariance-matched null, on a real model too
     assert table[table.step == 2].harmful_rate.isna().all() and table[table.step.isin([0, 4])].harmful_rate.notna().all()
     moved = table[table.step == 4]
     assert (moved.drift_norm > 1e-3).all()  # training moved the activations
     cos = torch.tensor(moved.cos.values)
     torch.testing.assert_close(cos, torch.tensor((moved.projection / moved.drift_norm).values), atol=1e-6, rtol=0)
-    base = load_tensors(gpt2_direction / "stats" / "base.safetensors")[0]["mean"].double()
-    aligned = load_tensors(gpt2_direction / "stats" / "aligned.safetensors")[0]["mean"].double()
+    seed = gpt2_direction / "runs" / "seed0"
+    base = load_tensors(seed / "history" / "base.safetensors")[0]["mean"].double()
+    aligned = load_tensors(seed / "history" / "aligned.safetensors")[0]["mean"].double()
     dist = (base - aligned).norm(dim=1).numpy()
     ratio = torch.tensor(moved.reversion_ratio.values)
     torch.testing.assert_close(ratio, torch.tensor(moved.projection.values / dist), atol=1e-6, rtol=0)
-
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["command"] == "track" and cfg["arm"] == "grad:v_rev" and cfg["interventions"][0]["mode"] == "grad"
+    # the direction folder's statistics were reused (linked), not recomputed
+    assert (out / "runs/seed0/history/base.safetensors").stat().st_ino == (seed / "history/base.safetensors").stat().st_ino
     first = (out / "trajectories.csv").read_text()
-    assert cli.main(argv) == 0  # rerun: resumes from the finished state, same table
+    assert cli.main(argv) == 0  # rerun: the finished run is kept, the same table
     assert (out / "trajectories.csv").read_text() == first
-    assert json.loads((out / "train.json").read_text())["resumed_from"] == 4
 
 
 def test_track_rejects_a_different_probe_set(gpt2_direction, tiny_dirs, files, tmp_path, capsys):
@@ -173,7 +170,7 @@ def test_track_rejects_a_different_probe_set(gpt2_direction, tiny_dirs, files, t
             "--prompts", str(tmp_path / "other.txt"), "--direction", str(gpt2_direction), "--steps", "1",
             "--out", str(tmp_path / "t")]  # fmt: skip
     assert cli.main(argv) == 2
-    assert "tokenise differently" in capsys.readouterr().err
+    assert "is not the probe set" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- eval
@@ -182,22 +179,58 @@ def test_eval_with_a_custom_judge(tiny_dirs, files, tmp_path, monkeypatch, capsy
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "eval"
     argv = ["eval", "--model", str(tiny_dirs["gpt2", "chat"]), "--prompts", str(files / "prompts.txt"),
-            "--judge", "my_judges:bomb", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]  # fmt: skip
+            "--benign", str(files / "prompts.txt"), "--judge", "my_judges:bomb", "--max-new-tokens", "4",
+            "--batch-size", "2", "--out", str(out), "--device", "cpu"]  # fmt: skip
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    assert "harmful rate 20.0%" in captured.out and "generating" in captured.err
+    assert "harmful_rate 20.0%" in captured.out and "over_refusal_rate" in captured.out
     lines = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
-    assert [x["prompt"] for x in lines] == PROMPTS and [x["harmful"] for x in lines] == [True, False, False, False, False]
-    assert all(isinstance(x["response"], str) for x in lines)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["harmful_rate"] == pytest.approx(0.2) and cfg["probes"]["chat"] is True
+    harmful = [x for x in lines if x["kind"] == "harmful"]
+    assert [x["prompt"] for x in harmful] == PROMPTS and [x["harmful"] for x in harmful] == [True, False, False, False, False]
+    assert all(isinstance(x["response"], str) for x in lines) and sum(x["kind"] == "benign" for x in lines) == 5
+    rec = json.loads((out / "eval.json").read_text())
+    assert rec["rates"]["harmful_rate"] == pytest.approx(0.2) and rec["judge"] == "my_judges:bomb"
 
 
 def test_eval_bad_judge_fails_before_loading(no_loading, tiny_dirs, files, capsys):
     argv = ["eval", "--model", str(tiny_dirs["gpt2", "chat"]), "--prompts", str(files / "prompts.txt"),
-            "--judge", "nosuch_mod:fn"]  # fmt: skip
+            "--judge", "nosuchjudge"]  # fmt: skip
     assert cli.main(argv) == 2
-    assert "cannot import it" in capsys.readouterr().err
+    assert "judge 'nosuchjudge'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- run
+def test_run_examples_are_complete_configs(capsys):
+    import tomllib
+
+    from reversion_lens.hf.config import HFConfig
+    from reversion_lens.pipeline import ExperimentConfig
+
+    assert cli.main(["run", "--example", "toy"]) == 0
+    toy = ExperimentConfig.from_dict(tomllib.loads(capsys.readouterr().out))
+    assert toy.setting == "toy" and "control:rehearsal" in toy.arms
+    assert cli.main(["run", "--example", "hf"]) == 0
+    hf = tomllib.loads(capsys.readouterr().out)
+    cfg = HFConfig.from_params(hf["hf"])  # every field of the example is a field of the table
+    assert cfg.align is not None and cfg.eval_harmful.field == "Behavior" and hf["setting"] == "hf"
+    assert cli.main(["run"]) == 2 and "--example" in capsys.readouterr().err
+
+
+def test_run_a_toml_config_on_a_local_model(tiny_dirs, files, tmp_path, capsys):
+    toml = tmp_path / "exp.toml"
+    toml.write_text(
+        'setting = "hf"\nseeds = [0]\narms = ["none", "grad:random"]\nsteps = 2\ntrack_steps = [1, 2]\n'
+        "eval_steps = [0, 2]\nworkers = 1\nnull_draws = 200\n\n[hf]\n"
+        f'base = "{tiny_dirs["gpt2", "base"]}"\naligned = "{tiny_dirs["gpt2", "aligned"]}"\n'
+        'probes = "prompts.txt"\nfinetune = "data.jsonl"\neval_benign = "prompts.txt"\n'
+        'max_new_tokens = 2\nbatch_size = 2\ndevice = "cpu"\n'
+    )
+    for name in ("prompts.txt", "data.jsonl"):  # relative paths are relative to the TOML file
+        (tmp_path / name).write_text((files / name).read_text())
+    out = tmp_path / "res"
+    assert cli.main(["run", str(toml), "--out", str(out), "--figures", "html"]) == 0
+    assert "| `grad:random` |" in capsys.readouterr().out
+    assert (out / "report.html").exists() and len(pd.read_csv(out / "trajectories.csv")) == 2 * 3 * 3
 
 
 # ---------------------------------------------------------------- demo and parsing
@@ -222,12 +255,3 @@ def test_parse_layers_and_help(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])
     assert info.value.code == 0 and "direction" in capsys.readouterr().out
-
-
-def test_bad_site_and_layers_fail_before_loading(no_loading, tiny_dirs, files, tmp_path, capsys):
-    common = ["direction", "--base", str(tiny_dirs["gpt2", "base"]), "--aligned", str(tiny_dirs["gpt2", "aligned"]),
-              "--prompts", str(files / "prompts.txt"), "--out", str(tmp_path / "o")]  # fmt: skip
-    assert cli.main([*common, "--layers", "3"]) == 2
-    assert "out of range for a model with 3 layers" in capsys.readouterr().err
-    assert cli.main([*common, "--site", "resid_middle"]) == 2
-    assert "unknown site 'resid_middle'" in capsys.readouterr().err

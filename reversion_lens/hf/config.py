@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, reject_unknown_fields
 
-__all__ = ["HFConfig", "AlignConfig", "Source", "harmbench_csv"]
+__all__ = ["HFConfig", "AlignConfig", "LoraConfig", "Source", "harmbench_csv"]
 
 
 def harmbench_csv(split: str = "test") -> Path:
@@ -69,14 +69,6 @@ class Source:
             return self
         return dataclasses.replace(self, path=str((base_dir / self.path).resolve()))
 
-    def where_dict(self) -> dict[str, str] | None:
-        if not self.where:  # None or "": every row
-            return None
-        col, sep, val = self.where.partition("=")
-        if not sep or not col:
-            raise ConfigError(f"where = {self.where!r}: write COLUMN=VALUE, e.g. where = \"FunctionalCategory=standard\".")
-        return {col.strip(): val.strip()}
-
 
 @dataclass(frozen=True)
 class AlignConfig:
@@ -91,6 +83,16 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (``peft``): adapters on ``target_modules``, everything else frozen."""
+
+    r: int = 8
+    alpha: float = 16
+    target_modules: tuple[str, ...] | None = None  # component names (attn.o, mlp.out) or HF names (o_proj); None: all linears
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
 class HFConfig:
     """Every field of the ``[hf]`` table (see ``reversion-lens run --example hf``)."""
 
@@ -100,6 +102,7 @@ class HFConfig:
     aligned: str | None = None  # model spec of the aligned checkpoint; None: built by the `align` phase
     chain: tuple[str, ...] = ()  # intermediate checkpoints between base and aligned (for chained directions)
     align: AlignConfig | None = None
+    lora: LoraConfig | None = None  # fine-tune LoRA adapters instead of every weight ([hf.lora] r, alpha, target_modules)
     rehearsal: Source | None = None  # alignment data mixed into the benign data for control:rehearsal
     rehearsal_fraction: float = 0.5  # share of each control:rehearsal batch drawn from `rehearsal`
     eval_harmful: Source | None = None  # harmful prompts: harm rate and refusal rate
@@ -107,7 +110,7 @@ class HFConfig:
     heldout: Source | None = None  # benign prompt/response pairs: task loss and accuracy
     chat: str | bool = "auto"  # wrap prompts in the tokenizer's chat template: auto | true | false
     system: str | None = None  # system prompt (chat templates only)
-    judge: str = "refusal"  # refusal (refusal-phrase judge) or package.module:callable(prompt, response) -> harmful
+    judge: str = "refusal"  # refusal (phrases) | classifier:FOLDER | llm:MODEL | package.module:name
     max_new_tokens: int = 48  # generation budget per evaluated response
     lr: float = 1e-5  # fine-tuning learning rate
     batch_size: int = 8  # fine-tuning examples per step
@@ -139,6 +142,12 @@ class HFConfig:
             if "data" not in a:
                 raise ConfigError("[hf.align] needs data: prompt/response pairs that teach the refusals.")
             p["align"] = AlignConfig(**{**a, "data": Source.parse(a["data"], "align.data")})
+        if p.get("lora") is not None:
+            lo = dict(p["lora"])
+            reject_unknown_fields(LoraConfig, lo, "[hf.lora]")
+            if lo.get("target_modules") is not None:
+                lo["target_modules"] = tuple(lo["target_modules"])
+            p["lora"] = LoraConfig(**lo)
         if (p.get("aligned") is None) == (p.get("align") is None):
             raise ConfigError("[hf] give either aligned (a model spec) or an [hf.align] phase that builds it, not both.")
         p["chain"] = tuple(p.get("chain", ()))

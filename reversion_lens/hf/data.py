@@ -15,15 +15,17 @@ def read_prompts_from(src: Source) -> list[str]:
     """The prompts of a :class:`~reversion_lens.hf.config.Source`."""
     from ..text import read_prompts
 
-    return read_prompts(src.path, prompt_field=src.field, split=src.split, limit=src.limit, where=src.where_dict())
+    where = {"where": src.where} if src.where else {}
+    return read_prompts(src.path, prompt_field=src.field, split=src.split, limit=src.limit, **where)
 
 
 def read_examples_from(src: Source) -> list[Any]:
     """The prompt/response pairs of a :class:`~reversion_lens.hf.config.Source`."""
     from ..text import read_examples
 
+    where = {"where": src.where} if src.where else {}
     return read_examples(src.path, prompt_field=src.field, response_field=src.response_field, split=src.split,
-                         limit=src.limit, where=src.where_dict())  # fmt: skip
+                         limit=src.limit, **where)  # fmt: skip
 
 
 class MixedBatchSource:

@@ -49,8 +49,10 @@ class HFSetting:
         self.n_layers: int | None = None if sig is None else int(sig["n_layers"])
         self.device = str(self.specs["base"].resolved_device() or "cpu")
         self.cache = Path(config.resolved_cache_dir()) / "hf"
-        if self.hf.judge != "refusal" and ":" not in self.hf.judge:
-            raise ConfigError(f"[hf] judge {self.hf.judge!r}: use 'refusal' or 'package.module:callable'.")
+        from .evaluate import check_judge
+
+        check_judge(self.hf.judge)
+        _check_sources(self.hf)
 
     def history_id(self, seed: int) -> str:
         """The same for every seed: the checkpoints, probes and site (so seeds share one preparation)."""
@@ -62,6 +64,19 @@ class HFSetting:
 
     def history(self, seed: int) -> "HFHistory":
         return HFHistory(self, seed)
+
+
+def _check_sources(hf: HFConfig) -> None:
+    """Every local data file exists (before any model loads)."""
+    from ..errors import SpecError
+
+    sources = [(k, getattr(hf, k)) for k in ("probes", "finetune", "rehearsal", "eval_harmful", "eval_benign", "heldout")]
+    if hf.align is not None:
+        sources.append(("align.data", hf.align.data))
+    for name, src in sources:
+        if src is not None and not src.path.startswith("hf:") and not Path(src.path).expanduser().is_file():
+            raise SpecError(f"[hf] {name}: {src.path}: no such file. Give a .txt, .jsonl, .json or .csv file, "
+                            "hf:OWNER/NAME or harmbench:test.")  # fmt: skip
 
 
 class HFHistory:
@@ -129,11 +144,20 @@ class HFHistory:
         write_json(folder / "meta.json", {"losses": list(losses), "seconds": time.perf_counter() - t0,
                                           "n_examples": len(examples), "data": data.describe()})  # fmt: skip
 
+    def prepare_finetune(self, model: Any) -> Any:
+        """The model to fine-tune: with ``[hf.lora]``, LoRA adapters added and every other weight frozen."""
+        if self.hf.lora is not None:
+            from ..lora import apply_lora
+
+            apply_lora(model, r=self.hf.lora.r, alpha=self.hf.lora.alpha, target_modules=self.hf.lora.target_modules,
+                       dropout=self.hf.lora.dropout, seed=self.seed)  # fmt: skip
+        return model
+
     def save_model(self, model: Any, folder: str | os.PathLike) -> Path:
         """Write ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads."""
-        from ..models import save_hf
+        from ..hf_export import save_hf
 
-        return save_hf(model, folder)
+        return save_hf(model, folder, overwrite=True)
 
     # -------------------------------------------------------------- text
     def _model(self) -> Any:

@@ -69,6 +69,11 @@ probe_batch_size = 16                  # prompts per forward pass (statistics an
 eval_batch_size = 16                   # prompts per generation batch
 track_weights = false                  # weight-space reversion (two float64 copies of the weights)
 
+# [hf.lora]                            # optional: fine-tune LoRA adapters (pip install peft) instead of every weight
+# r = 8
+# alpha = 16
+# target_modules = ["attn.o", "mlp.out"]  # component or Hugging Face names; default: every linear
+
 [hf.align]                             # optional: build the aligned checkpoint from the base, inside the run
 data = "data/align.jsonl"              # harmful requests answered with refusals, benign ones answered
 steps = 24

@@ -262,6 +262,9 @@ def run_arm(config: ExperimentConfig, seed: int, arm_name: str, out: str | os.Pa
         stats = {n: ResidStats.load(sdir / "history" / f"{n}.safetensors") for n in ("base", "aligned")}
         probes = hist.probes()
         model = hist.load("aligned")
+        prepare = getattr(hist, "prepare_finetune", None)  # e.g. LoRA adapters (the setting's choice)
+        if prepare is not None:
+            model = prepare(model)
         thetas = (_flat_params(model), _flat_params(hist.load("base"))) if setting.track_weights else None
         steps_dir = folder / "steps"
         tracker = DriftTracker(probes, v, reference=stats["aligned"], base=stats["base"], site=config.site,

@@ -62,6 +62,9 @@ class SeedHistory(Protocol):
         """Keys among :data:`METRICS` (plus optional ``"responses"``)."""
         ...
 
+    # Optional: ``prepare_finetune(model) -> model`` (e.g. add LoRA adapters before fine-tuning) and
+    # ``save_model(model, folder)`` (for ``save_model = "final" | "evaluated"``).
+
 
 @runtime_checkable
 class Setting(Protocol):

@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         from ..report import write_report
 
         formats = {"html": ("html",), "png": ("png",), "both": ("html", "png")}[args.figures]
-        written = write_report(out, formats=formats)
-        print(f"figures: {len(written)} written to {Path(out) / 'figures'}")
+        report = write_report(out, formats=formats)
+        print(f"report: {report.html}; {len(report.figures)} figures in {Path(out) / 'figures'}")
     print((Path(out) / "summary.md").read_text())
     print(f"done in {time.perf_counter() - _STARTED:.0f} s (imports included) -> {out}")
     return 0
