@@ -143,9 +143,34 @@ def test_update_cum_under_adamw_the_residual_moves_along_v_l_only_through_the_re
     assert min(m for _, m in res.values()) > 1e-3
 
 
-def test_update_cum_refuses_lora_wrapped_writers():
-    """A LoRA layer (peft) inside a writer: the base weight is frozen, so pinning it would block nothing."""
-    model = make_native(n_layers=L, d_model=D)
-    model.blocks[1].mlp.out.original_component.lora_B = torch.nn.ModuleDict()  # what a peft LoRA layer carries
-    with pytest.raises(ConfigError, match="LoRA"):
-        block(model, rand_direction(L, D), "update-cum")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_update_cum_with_lora_projects_the_adapter_update(arch, hf_model):
+    """SafeLoRA-style: the writers' adapters keep U_j^T B = 0, so the adapted model's writes have no v_l part."""
+    from reversion_lens.lora import apply_lora, lora_residual_writers
+
+    aligned, model = hf_model(arch), hf_model(arch)
+    apply_lora(model, r=4, alpha=8, target_modules=["attn.o", "mlp.out", "attn.q"])
+    v = rand_direction(int(model.cfg.n_layers), int(model.cfg.d_model))
+    iv = block(model, v, "update-cum")
+    assert iv.lora and len(iv.params) == 2 * int(model.cfg.n_layers)  # attn.o and mlp.out B's; attn.q is a read
+    train(model, iv, optim=OptimConfig(lr=5e-2, weight_decay=0.05, grad_clip=None))
+    for w in lora_residual_writers(model):
+        assert w.B.abs().max() > 1e-3  # the adapters trained
+        assert max((v[l] @ w.B).abs().max().item() for l in range(w.layer, int(model.cfg.n_layers))) < 1e-5
+    model.eval()
+    res = writer_motion(aligned, model, Tokens(int(model.cfg.d_vocab), batch=3, pos=8).batch(7).tokens, v)
+    assert max(w for w, _ in res.values()) < 1e-4, res
+    ref = hf_model(arch)  # the contrast: the per-layer update pins nothing once the base weights are frozen
+    apply_lora(ref, r=4, alpha=8, target_modules=["attn.o", "mlp.out"])
+    up = block(ref, v, "update")
+    assert up.params == []
+
+
+def test_update_cum_with_lora_refuses_other_trainable_parameters(hf_model):
+    from reversion_lens.lora import apply_lora
+
+    model = hf_model("llama")
+    apply_lora(model, r=2, alpha=4, target_modules=["attn.o"])
+    model.blocks[0].ln1.original_component.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match="not covered"):
+        block(model, rand_direction(int(model.cfg.n_layers), int(model.cfg.d_model)), "update-cum")

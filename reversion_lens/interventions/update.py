@@ -30,9 +30,12 @@ every blocked direction is frozen too (``u^T W_U`` fixed; it can still change ho
 ``tied="untie"`` gives the unembedding its own trainable copy first (the model then has one ``[vocab,
 d_model]`` matrix more than the other arms; only with a loop that builds its optimizer after attaching, as
 ``finetune`` does). Does not: constrain the reads, or the optimizer's moments (only the realised weights are
-projected). Writers wrapped by LoRA adapters are refused with a clear error (the frozen base weight would be
-pinned, the adapter's ``B A`` not): the SafeLoRA-style block of an adapter keeps ``U_j^T B = 0`` (h-export's
-``lora.project_lora_update``).
+projected). With LoRA adapters (:func:`reversion_lens.lora.apply_lora`: every base weight frozen) it is the
+SafeLoRA-style projection of the adapter update: the ``B`` ``[d_model, r]`` of every ``attn.o`` / ``mlp.out``
+adapter of layer ``j`` keeps ``U_j^T B`` at its value at attach (0 from LoRA's ``B = 0`` start), so the
+adapter's write ``s B A x`` has no component in ``U_j`` and the guarantee above holds for the adapted model
+(adapters on Q/K/V or the MLP input are reads: not constrained); other trainable parameters beside the
+adapters are refused.
 """
 
 from collections.abc import Mapping, Sequence
@@ -43,6 +46,7 @@ from torch import Tensor
 
 from ..directions import Direction, Subspace, as_subspace
 from ..errors import ConfigError, SiteError
+from ..lora import lora_layers, lora_residual_writers
 from ..orthogonalize import embeddings_tied, residual_writers, untie_embeddings
 from ..registry import MODES
 from ..sites import check_layers, n_layers
@@ -200,16 +204,19 @@ class CumulativeUpdateBlock(Intervention):
         self.subspace = sub.select(list(self.layers))
         self.shared, self.tied, self.optimizer = bool(shared), tied, optimizer
         self.spans = cumulative_spans(self.subspace, n_layers(model), self.shared)
-        writers = residual_writers(model)
-        adapted = sorted({w.label.rsplit(".", 1)[0] for w in writers if hasattr(w.module, "lora_B")})
-        if adapted:  # the write is W x + s B A x with W frozen: pinning W blocks nothing
-            raise ConfigError(
-                f"{', '.join(adapted)} carry LoRA adapters; update-cum pins full weights, whose frozen base blocks "
-                "nothing. Keep the adapters' B matrices orthogonal instead (reversion_lens.lora.project_lora_update, "
-                "branch h-export), or merge the adapters first."
-            )
-        self.params = [(w.label, writer_layer(w.label), w.parameter, w.axis) for w in writers
-                       if writer_layer(w.label) in self.spans]  # fmt: skip
+        self.lora = bool(lora_layers(model))
+        if self.lora:  # the writes are W x + s B A x with W frozen: pin U_j^T B of the writers' adapters
+            others = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+            if others:
+                raise ConfigError(
+                    f"update-cum with LoRA adapters pins the residual-writing adapters' B matrices; the other trainable "
+                    f"parameters {others[:4]}{'...' if len(others) > 4 else ''} are not covered: freeze them (apply_lora "
+                    "does) or merge the adapters first (reversion_lens.lora.merge_lora)."
+                )
+            writers = [w.astuple() for w in lora_residual_writers(model)]
+        else:
+            writers = [(w.label, writer_layer(w.label), w.parameter, w.axis) for w in residual_writers(model)]
+        self.params = [w for w in writers if w[1] in self.spans]
         self._pinned: list[Tensor] = []
         self._opt_handle: Any = None
 
