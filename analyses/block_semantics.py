@@ -62,11 +62,14 @@ TOY = {
     "tiny": ({"preset": "tiny"}, 1, CORE_ARMS + K_ARMS),  # a smoke test (2 layers, d_model 48)
 }
 K_SWEEP = (1, 2, 4, 8)
+#: Arms run later into ``<setting>-extra`` (sharing the setting's seeds); ``none`` again for the paired differences.
+EXTRA_ARMS = ("none", "grad-cum-exact:v_rev")
 
 
 # ---------------------------------------------------------------------- running
-def toy_config(name: str, seeds: int | None, steps: int | None, workers: int) -> ExperimentConfig:
+def toy_config(name: str, seeds: int | None, steps: int | None, workers: int, extra: bool = False) -> ExperimentConfig:
     params, n_seeds, arms = TOY[name]
+    arms = EXTRA_ARMS if extra else arms
     steps = steps or 100
     track = tuple(sorted({s for s in (1, 2, 5, 10, 20, 50, 100) if s < steps} | {steps}))
     return ExperimentConfig(setting="toy", params=params, seeds=tuple(range(seeds or n_seeds)), arms=arms, steps=steps,
@@ -415,6 +418,8 @@ def _configs(args: argparse.Namespace) -> dict[str, ExperimentConfig]:
             out[name] = hf_config(Path(args.hf_config), arms, args.seeds, args.steps, args.workers)
         else:
             out[name] = toy_config(name, args.seeds, args.steps, args.workers)
+            if args.extra:
+                out[f"{name}-extra"] = toy_config(name, args.seeds, args.steps, args.workers, extra=True)
     return out
 
 
@@ -430,14 +435,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("results/block_semantics"))
     ap.add_argument("--format", choices=("html", "png", "both", "none"), default="both")
     ap.add_argument("--no-costs", action="store_true", help="skip the step-cost measurement")
+    ap.add_argument("--extra", action="store_true", help=f"also the arms {EXTRA_ARMS} in <setting>-extra folders")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     configs = _configs(args)
     t0 = time.perf_counter()
     if args.what in ("run", "all"):
         for name, config in configs.items():
+            if args.extra and not name.endswith("-extra"):
+                continue  # the setting's own arms ran before; only the extra arms now
             print(f"== {name}: {len(config.seeds)} seeds x {len(config.arms)} arms", flush=True)
-            run_experiment(config, args.out / name)
+            main_folder = args.out / name.removesuffix("-extra")
+            run_experiment(config, args.out / name, reuse=(main_folder,) if name.endswith("-extra") else ())
             print(f"== {name} done ({time.perf_counter() - t0:.0f} s wall)", flush=True)
     if args.what in ("report", "all"):
         all_rows, extras = [], {}
@@ -455,18 +464,31 @@ def main(argv: list[str] | None = None) -> int:
                 costs = json.loads((out / "step_costs.json").read_text())
             s = _summary(out)
             ah = s["history"]["aligned"].get("harmful_rate")
-            extras[name] = {"describe": json.dumps(config.params), "aligned_harm": _fmt(ah, pct=True) + "%" if ah else "n/a",
-                            "subspace": subspace_table(out, config)}  # fmt: skip
+            tables = {"subspace": subspace_table(out, config)}
             if config.setting == "toy":
-                extras[name]["split"] = split_table(out, config)
-            all_rows += setting_rows(name, out, config, costs)
+                tables["split"] = split_table(out, config)
+            rows = setting_rows(name, out, config, costs)
+            target = name.removesuffix("-extra")
+            if target != name and target in extras:  # the extra arms join their setting's table
+                main_none = next(r for r in all_rows if r["setting"] == target and r["arm"] == "none")
+                here_none = next(r for r in rows if r["arm"] == "none")
+                if main_none["harm"] != here_none["harm"]:
+                    print(f"warning: `none` differs between {target} and {name}; their paired differences are within {name}")
+                rows = [{**r, "setting": target} for r in rows if r["arm"] != "none"]
+                for key, table in tables.items():
+                    keep = table[table.arm != "none"] if len(table) else table
+                    extras[target][key] = pd.concat([extras[target].get(key, pd.DataFrame()), keep], ignore_index=True)
+            else:
+                extras[name] = {"describe": json.dumps(config.params), **tables,
+                                "aligned_harm": _fmt(ah, pct=True) + "%" if ah else "n/a"}  # fmt: skip
+            all_rows += rows
             print(f"report: {name} read ({time.perf_counter() - t0:.0f} s wall)", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "block_semantics.md").write_text(markdown(all_rows, extras))
         flat = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in all_rows]
         pd.DataFrame(flat).to_csv(args.out / "block_semantics.csv", index=False)
         for name, ex in extras.items():
-            for key in ("subspace", "split"):
+            for key in ("subspace", "split"):  # the setting's tables, its extra arms included
                 if isinstance(ex.get(key), pd.DataFrame) and len(ex[key]):
                     ex[key].to_csv(args.out / name / f"{key}.csv", index=False)
         if args.format != "none" and all_rows:

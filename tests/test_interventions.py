@@ -474,7 +474,7 @@ def test_notebook_handle_layers_and_errors():
         block(model, Direction.from_vectors(torch.ones(L, D + 1)))
     assert isinstance(block(model, v, "ablate"), Ablate) and set(MODES.names()) == {
         "grad", "clamp", "ablate", "penalty", "penalty-block", "penalty-push", "update",
-        "grad-cum", "grad-shared", "grad-everywhere", "update-cum", "orthogonalize"}
+        "grad-cum", "grad-shared", "grad-everywhere", "update-cum", "orthogonalize", "grad-cum-exact"}
 
 
 def test_random_control_matches_shape_and_is_seeded():

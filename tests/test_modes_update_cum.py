@@ -174,3 +174,20 @@ def test_update_cum_with_lora_refuses_other_trainable_parameters(hf_model):
     model.blocks[0].ln1.original_component.weight.requires_grad_(True)
     with pytest.raises(ConfigError, match="not covered"):
         block(model, rand_direction(int(model.cfg.n_layers), int(model.cfg.d_model)), "update-cum")
+
+
+def test_grad_cum_exact_has_both_guarantees_under_adamw():
+    """grad-cum-exact: the writers' gradients projected (grad-cum's hooks) and their AdamW updates pinned exactly."""
+    from test_modes_cumulative import loss_backward, worst_gradient
+
+    v = rand_direction(L, D)
+    model = make_native(n_layers=L, d_model=D)
+    loss_backward(model, "grad-cum-exact", v)
+    assert max(worst_gradient(model, sub(v), v.layers).values()) < 1e-6
+    model = make_native(n_layers=L, d_model=D)
+    w0 = snapshot(model)
+    iv = block(model, v, "grad-cum-exact")
+    with iv:
+        assert iv.hook_count == 1 + 2 * L
+    train(model, iv)
+    assert max(worst_change(model, w0, sub(v), v.layers).values()) < 1e-5
