@@ -5,6 +5,9 @@ import torch
 from hf_fixtures import perturbed_copy, save_tiny
 
 from reversion_lens.directions import Direction, as_subspace
+from reversion_lens.interventions import block
+from reversion_lens.interventions.update import writer_layer
+from reversion_lens.orthogonalize import residual_writers
 from reversion_lens.training import Batch
 
 HF_ARCHS = {
@@ -104,3 +107,24 @@ def writer_motion(aligned, tuned, toks, v: Direction):
         motion = t[f"blocks.{layer}.hook_resid_post"] - a[f"blocks.{layer}.hook_resid_post"]
         out[layer] = ((write @ u).abs().max().item(), (motion @ u).abs().max().item())
     return out
+
+
+def worst_gradient(model, sub, blocked, shared=False, skip=()) -> dict[str, float]:
+    """``max |u^T dL/dW|`` per writer label over the rows ``u`` of every blocked layer the writer must avoid."""
+    out = {}
+    for w in residual_writers(model):
+        if w.label.split(".")[0] in skip:
+            continue
+        j = writer_layer(w.label)
+        rows = [sub[l] for l in blocked if shared or l >= j]
+        if not rows or w.parameter.grad is None:
+            continue
+        out[w.label] = max(components(w.parameter.grad, u, w.axis).abs().max().item() for r in rows for u in r)
+    return out
+
+
+def loss_backward(model, mode, direction, layers=None, seed=0):
+    toks = torch.randint(4, int(model.cfg.d_vocab), (3, 9), generator=torch.Generator().manual_seed(seed))
+    model.zero_grad(set_to_none=True)
+    with block(model, direction, mode, layers=layers):
+        model(toks, return_type="loss").backward()

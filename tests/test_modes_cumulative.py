@@ -8,7 +8,17 @@ The guarantee measured: ``max |u^T dL/dW|`` along ``d_model`` over every residua
 import pytest
 import torch
 from conftest import make_native
-from modes_helpers import Tokens, components, hf_dirs_modes, hf_model, rand_direction, sub, writer_motion  # noqa: F401
+from modes_helpers import (  # noqa: F401
+    Tokens,
+    components,
+    hf_dirs_modes,
+    hf_model,
+    loss_backward,
+    rand_direction,
+    sub,
+    worst_gradient,
+    writer_motion,
+)
 
 from reversion_lens.directions import random_subspace
 from reversion_lens.interventions import block
@@ -18,27 +28,6 @@ from reversion_lens.orthogonalize import embeddings_tied, residual_writers
 from reversion_lens.training import OptimConfig, finetune
 
 L, D = 4, 32
-
-
-def worst_gradient(model, sub, blocked, shared=False, skip=()) -> dict[str, float]:
-    """``max |u^T dL/dW|`` per writer label over the rows ``u`` of every blocked layer the writer must avoid."""
-    out = {}
-    for w in residual_writers(model):
-        if w.label.split(".")[0] in skip:
-            continue
-        j = writer_layer(w.label)
-        rows = [sub[l] for l in blocked if shared or l >= j]
-        if not rows or w.parameter.grad is None:
-            continue
-        out[w.label] = max(components(w.parameter.grad, u, w.axis).abs().max().item() for r in rows for u in r)
-    return out
-
-
-def loss_backward(model, mode, direction, layers=None, seed=0):
-    toks = torch.randint(4, int(model.cfg.d_vocab), (3, 9), generator=torch.Generator().manual_seed(seed))
-    model.zero_grad(set_to_none=True)
-    with block(model, direction, mode, layers=layers):
-        model(toks, return_type="loss").backward()
 
 
 def test_cumulative_spans_contain_exactly_the_later_layers():

@@ -6,9 +6,18 @@ steps with weight decay (float32 parameters: below 1e-5). The per-layer ``update
 """
 
 import pytest
-import torch
 from conftest import make_native
-from modes_helpers import Tokens, components, hf_dirs_modes, hf_model, rand_direction, sub, writer_motion  # noqa: F401
+from modes_helpers import (  # noqa: F401
+    Tokens,
+    components,
+    hf_dirs_modes,
+    hf_model,
+    loss_backward,
+    rand_direction,
+    sub,
+    worst_gradient,
+    writer_motion,
+)
 
 from reversion_lens.directions import random_subspace
 from reversion_lens.errors import ConfigError
@@ -178,8 +187,6 @@ def test_update_cum_with_lora_refuses_other_trainable_parameters(hf_model):
 
 def test_grad_cum_exact_has_both_guarantees_under_adamw():
     """grad-cum-exact: the writers' gradients projected (grad-cum's hooks) and their AdamW updates pinned exactly."""
-    from test_modes_cumulative import loss_backward, worst_gradient
-
     v = rand_direction(L, D)
     model = make_native(n_layers=L, d_model=D)
     loss_backward(model, "grad-cum-exact", v)
