@@ -53,7 +53,7 @@ from reversion_lens.registry import MODES
 CORE_ARMS = ("none", "grad:v_rev", "grad-cum:v_rev", "grad-everywhere:v_rev", "clamp:v_rev", "update:v_rev",
              "update-cum:v_rev", "orthogonalize:v_rev", "update-cum:random")  # fmt: skip
 K_ARMS = ("update-cum:v_rev2", "update-cum:v_rev4", "update-cum:v_rev8", "grad-cum:v_rev4")
-HF_ARMS = ("none", "grad:v_rev", "grad-cum:v_rev", "update-cum:v_rev", "update-cum:v_rev8")
+HF_ARMS = ("none", "grad:v_rev", "grad-cum:v_rev", "grad-cum-exact:v_rev", "update-cum:v_rev")
 TOY = {
     "default": ({"preset": "default"}, 5, CORE_ARMS + K_ARMS),
     "paper": ({"preset": "paper"}, 3, CORE_ARMS),
@@ -248,6 +248,48 @@ def step_costs(config: ExperimentConfig, out: Path, rounds: int = 5, steps: int 
     return res
 
 
+def sequential_step_costs(config: ExperimentConfig, out: Path, steps: int = 2) -> dict[str, dict[str, float]]:
+    """For models too large to hold one per arm (the hf setting): each arm's model alone, one warm-up step, then
+    ``steps`` timed steps (CPU seconds); ``none`` is timed first and last, and ratios are taken against the mean
+    of the two (their spread is in ``none_spread``)."""
+    from reversion_lens.pipeline.runner import build_interventions
+    from reversion_lens.pipeline.setting import make_setting
+    from reversion_lens.training import make_optimizer, train_step
+
+    seed = config.seeds[0]
+    hist = make_setting(config).history(seed)
+    v = Direction.load(out / "runs" / f"seed{seed}" / "direction.safetensors")
+    stats = {n: _stats_of(out, seed, n) for n in ("base", "aligned")}
+    data = hist.finetune_data("benign", seed=seed)
+    optim = hist.finetune_optim()
+    arms = [a for a in config.arms if Arm.parse(a).data == "benign" and a != "none"]
+    seconds: dict[str, list[float]] = {}
+    for arm_name in ["none", *arms, "none"]:
+        model = hist.load("aligned")
+        prepare = getattr(hist, "prepare_finetune", None)
+        model = prepare(model) if prepare is not None else model
+        ivs = build_interventions(Arm.parse(arm_name), model, v, stats, hist, config, seed, 16)
+        for iv in ivs:
+            iv.attach()
+        opt = make_optimizer(model, optim)
+        model.train()
+        train_step(model, opt, data.batch(0), step=0, interventions=ivs, grad_clip=optim.grad_clip)  # warm-up
+        t0 = time.process_time()
+        for s in range(1, steps + 1):
+            train_step(model, opt, data.batch(s), step=s, interventions=ivs, grad_clip=optim.grad_clip)
+        seconds.setdefault(arm_name, []).append((time.process_time() - t0) / steps)
+        for iv in ivs:
+            iv.remove()
+        del model, opt, ivs
+    base = statistics.mean(seconds["none"])
+    res = {"none": {"seconds_per_step": base, "ratio": 1.0, "none_spread": [min(seconds["none"]), max(seconds["none"])]}}
+    for a in arms:
+        res[a] = {"seconds_per_step": seconds[a][0], "ratio": seconds[a][0] / base,
+                  "ratio_min": seconds[a][0] / max(seconds["none"]), "ratio_max": seconds[a][0] / min(seconds["none"])}  # fmt: skip
+    res["none"].update(ratio_min=min(seconds["none"]) / base, ratio_max=max(seconds["none"]) / base)
+    return res
+
+
 # ---------------------------------------------------------------------- the table
 def _fmt(entry: dict[str, Any] | None, pct: bool = False, digits: int = 2) -> str:
     if not entry or entry.get("mean") is None or (isinstance(entry["mean"], float) and math.isnan(entry["mean"])):
@@ -432,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-config", help="an hf experiment TOML (setting = 'hf') for --settings hf")
     ap.add_argument("--hf-arms", help=f"comma-separated arms for hf (default {','.join(HF_ARMS)})")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reuse", action="append", help="another results folder whose prepared seeds (same history) "
+                    "may be shared, e.g. the folder analyses/smollm2_reversion.py wrote (repeatable)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("results/block_semantics"))
     ap.add_argument("--format", choices=("html", "png", "both", "none"), default="both")
     ap.add_argument("--no-costs", action="store_true", help="skip the step-cost measurement")
@@ -446,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # the setting's own arms ran before; only the extra arms now
             print(f"== {name}: {len(config.seeds)} seeds x {len(config.arms)} arms", flush=True)
             main_folder = args.out / name.removesuffix("-extra")
-            run_experiment(config, args.out / name, reuse=(main_folder,) if name.endswith("-extra") else ())
+            reuse = ((main_folder,) if name.endswith("-extra") else ()) + tuple(args.reuse or ())
+            run_experiment(config, args.out / name, reuse=reuse)
             print(f"== {name} done ({time.perf_counter() - t0:.0f} s wall)", flush=True)
     if args.what in ("report", "all"):
         all_rows, extras = [], {}
@@ -457,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             config = ExperimentConfig.from_dict(read_json(out / "config.json")["config"])
             costs = None
-            if not args.no_costs and config.setting == "toy":
-                costs = step_costs(config, out)
+            if not args.no_costs and not (out / "step_costs.json").exists():
+                costs = step_costs(config, out) if config.setting == "toy" else sequential_step_costs(config, out)
                 (out / "step_costs.json").write_text(json.dumps(costs, indent=2))
             elif (out / "step_costs.json").exists():
                 costs = json.loads((out / "step_costs.json").read_text())
