@@ -203,6 +203,36 @@ def split_table(out: Path, config: ExperimentConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def clamp_probe_table(out: Path, config: ExperimentConfig, arms: tuple[str, ...] = ("none", "update-cum:v_rev")) -> pd.DataFrame:
+    """Is v_rev where the behaviour lives? Inference-time per-input clamps of v_rev at every layer and position:
+
+    * *necessity*: each saved fine-tuned model of ``arms``, clamped to the **aligned** model's component along
+      v_rev on the same input (``clamp`` with ``reference_model`` = aligned): does its harm fall back?
+    * *sufficiency*: the aligned model clamped to the **base** model's components: does its harm rise?
+    """
+    from reversion_lens.interventions import block
+    from reversion_lens.models import load_native
+    from reversion_lens.pipeline.setting import make_setting
+
+    setting = make_setting(config)
+    rows = []
+    for seed in config.seeds:
+        hist = setting.history(seed)
+        v = Direction.load(out / "runs" / f"seed{seed}" / "direction.safetensors")
+        aligned, base = hist.load("aligned"), hist.load("base")
+        cases = [("aligned", hist.load("aligned"), base)]
+        cases += [(a, load_native(out / "runs" / f"seed{seed}" / a / "model"), aligned) for a in arms
+                  if (out / "runs" / f"seed{seed}" / a / "model").exists()]  # fmt: skip
+        for name, model, reference in cases:
+            model.eval()
+            bare = hist.evaluate(model)["harmful_rate"]
+            with block(model, v, "clamp", reference_model=reference):
+                clamped = hist.evaluate(model)["harmful_rate"]
+            rows.append({"seed": seed, "model": name, "clamped_to": "base" if reference is base else "aligned",
+                         "harm_bare": bare, "harm_clamped": clamped})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def step_costs(config: ExperimentConfig, out: Path, rounds: int = 5, steps: int = 3) -> dict[str, dict[str, float]]:
     """CPU seconds per training step per arm (median) and the ratio to ``none`` (median [min, max] over rounds),
     arms round-robin in one process (PERFORMANCE.md), on the first seed's aligned model and fine-tuning data."""
@@ -390,6 +420,14 @@ def markdown(all_rows: list[dict[str, Any]], extras: dict[str, Any]) -> str:
                 for _, gk in g.groupby("k"):
                     cells.append(f"{gk.alignment.mean():.2f} [{gk.null_p99.iloc[0]:.2f}], {gk.energy_share.mean():.2f}")
                 lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
+        probe = ex.get("clamp_probe")
+        if probe is not None and len(probe):
+            lines += ["", "Is v_rev where the behaviour lives? Harm with an inference-time per-input `clamp` of v_rev at every "
+                      "layer and position (mean over seeds): the aligned model clamped to the base model's components "
+                      "(sufficiency), fine-tuned models clamped to the aligned model's (necessity):", "",
+                      "| model | clamped to | harm bare % | harm clamped % |", "| --- | --- | --- | --- |"]  # fmt: skip
+            for (model, to), g in probe.groupby(["model", "clamped_to"], sort=False):
+                lines.append(f"| `{model}` | {to} | {100 * g.harm_bare.mean():.1f} | {100 * g.harm_clamped.mean():.1f} |")
         split = ex.get("split")
         if split is not None and len(split):
             lines += ["", "Motion of the probe mean along v_l at layer l, step T, split into writer and reader parts "
@@ -512,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             tables = {"subspace": subspace_table(out, config)}
             if config.setting == "toy":
                 tables["split"] = split_table(out, config)
+                if not name.endswith("-extra"):
+                    tables["clamp_probe"] = clamp_probe_table(out, config)
             rows = setting_rows(name, out, config, costs)
             target = name.removesuffix("-extra")
             if target != name and target in extras:  # the extra arms join their setting's table
@@ -533,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         flat = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in all_rows]
         pd.DataFrame(flat).to_csv(args.out / "block_semantics.csv", index=False)
         for name, ex in extras.items():
-            for key in ("subspace", "split"):  # the setting's tables, its extra arms included
+            for key in ("subspace", "split", "clamp_probe"):  # the setting's tables, its extra arms included
                 if isinstance(ex.get(key), pd.DataFrame) and len(ex[key]):
                     ex[key].to_csv(args.out / name / f"{key}.csv", index=False)
         if args.format != "none" and all_rows:
