@@ -203,7 +203,7 @@ def split_table(out: Path, config: ExperimentConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def clamp_probe_table(out: Path, config: ExperimentConfig, arms: tuple[str, ...] = ("none", "update-cum:v_rev")) -> pd.DataFrame:
+def clamp_probe_table(out: Path, config: ExperimentConfig, arms: tuple[str, ...] = ("none", "grad-cum:v_rev", "update-cum:v_rev")) -> pd.DataFrame:
     """Is v_rev where the behaviour lives? Inference-time per-input clamps of v_rev at every layer and position:
 
     * *necessity*: each saved fine-tuned model of ``arms``, clamped to the **aligned** model's component along
@@ -462,22 +462,25 @@ def figures(all_rows: list[dict[str, Any]], folder: Path, formats: tuple[str, ..
                                  legendgroup="p99", showlegend=c == 1, line={"color": "black", "dash": "dash"}), row=1, col=c)  # fmt: skip
         fig.update_xaxes(title_text="layer", row=1, col=c)
     fig.update_yaxes(title_text="final cos(drift, v_rev), mean over seeds", row=1, col=1)
-    fig.update_layout(title="Per-layer final alignment per block mode", height=450, width=380 * len(names) + 200)
+    fig.update_layout(title="Per-layer final alignment per block mode (dotted: k-dim v_rev or random)", height=620,
+                      width=380 * len(names) + 260)  # fmt: skip
     fig2 = make_subplots(rows=1, cols=len(names), subplot_titles=names)
     for c, name in enumerate(names, 1):
         for r in (r for r in all_rows if r["setting"] == name):
             if not r["harm"] or r["harm"].get("mean") is None or not r["task_loss"]:
                 continue
-            fig2.add_trace(go.Scatter(x=[r["task_loss"]["mean"]], y=[100 * r["harm"]["mean"]], mode="markers+text",
-                                      text=[r["arm"]], textposition="top center", name=r["arm"], legendgroup=r["arm"],
+            fig2.add_trace(go.Scatter(x=[r["task_loss"]["mean"]], y=[100 * r["harm"]["mean"]], mode="markers",
+                                      name=r["arm"], legendgroup=r["arm"],
                                       showlegend=c == 1, marker={"color": color(r["arm"]), "size": 10,
-                                      "symbol": "circle" if r["holds"] else "x"},
+                                      "symbol": ("circle" if r["holds"] else "x")
+                                      + ("-open" if Arm.parse(r["arm"]).k > 1 or "random" in r["arm"] else "")},
                                       error_y={"type": "data", "array": [100 * (r["harm"].get("std") or 0)]}),
                            row=1, col=c)  # fmt: skip
-        fig2.update_xaxes(title_text="task loss at step T (nats/token)", row=1, col=c)
+        fig2.update_xaxes(title_text="task loss at step T (nats/token, log)", type="log", row=1, col=c)
     fig2.update_yaxes(title_text="harm rate at step T, % (± sd over seeds)", row=1, col=1)
-    fig2.update_layout(title="Harm against task cost (circle: the block holds geometrically; x: it does not)",
-                       height=480, width=420 * len(names) + 200)  # fmt: skip
+    fig2.update_layout(title="Harm against task cost (circle: the block holds geometrically, x: it does not; "
+                       "open: k-dim v_rev or random)",
+                       height=620, width=420 * len(names) + 260)  # fmt: skip
     written = []
     for fig_, stem in ((fig, "per_layer_final_alignment"), (fig2, "harm_vs_task_cost")):
         for fmt in formats:
