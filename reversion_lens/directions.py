@@ -48,6 +48,10 @@ __all__ = [
     "fit_logistic",
     "ESTIMATORS",
     "vocab_readout",
+    "Subspace",
+    "as_subspace",
+    "reversion_subspace",
+    "random_subspace",
 ]
 
 _EPS = 1e-12
@@ -419,6 +423,156 @@ ESTIMATORS.register("principal_component", principal_component, per_prompt=True,
 ESTIMATORS.register("uncentred_pca", uncentred_pca, per_prompt=True,
                     doc="top singular vector of the uncentred paired differences (steering-vectors' pca_aggregator)")
 ESTIMATORS.register("logistic", logistic, per_prompt=True, doc="normal of an L2-regularised logistic regression")
+
+
+# ------------------------------------------------------------------ subspaces (k directions per layer)
+@dataclass(frozen=True, eq=False)
+class Subspace:
+    """A ``k``-dimensional subspace per layer: orthonormal rows ``basis[i]`` ``[k, d_model]`` for ``layers[i]``.
+
+    Row 0 of each layer is the leading direction (for :func:`reversion_subspace`, the mean-difference
+    v_rev itself), so ``subspace.direction`` is the one-vector :class:`Direction` it extends and
+    ``subspace.truncate(j)`` the nested subspace of its first ``j`` rows. The alignment of a drift ``d``
+    with it is ``||P_S d|| / ||d||`` (:func:`reversion_lens.drift.subspace_alignment`).
+
+    Attributes:
+        basis: float32 ``[layer, k, d_model]``, orthonormal rows per layer.
+        norms: the leading direction's raw norms per layer (``||mean_base - mean_aligned||``).
+        layers: the model layers the rows belong to.
+        site: the residual-stream site.
+        provenance: how it was made.
+    """
+
+    basis: Float[Tensor, "layer k d_model"]
+    norms: Float[Tensor, " layer"]
+    layers: tuple[int, ...]
+    site: str = "resid_post"
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        b = self.basis
+        if not isinstance(b, Tensor) or b.ndim != 3 or 0 in b.shape:
+            raise DirectionError(f"basis must be a non-empty [layer, k, d_model] tensor, got {getattr(b, 'shape', b)}.")
+        if len(self.layers) != b.shape[0] or self.norms.shape != (b.shape[0],):
+            raise DirectionError(
+                f"basis has {b.shape[0]} layers; layers={self.layers}, norms {tuple(self.norms.shape)}."
+            )
+        if b.shape[1] > b.shape[2]:
+            raise DirectionError(f"a subspace of dimension k={b.shape[1]} does not fit in d_model={b.shape[2]}.")
+        gram = b.double() @ b.double().transpose(1, 2)
+        eye = torch.eye(b.shape[1], dtype=torch.float64, device=gram.device)
+        if not torch.isfinite(gram).all() or (gram - eye).abs().max() > 1e-4:
+            raise DirectionError("subspace basis rows must be orthonormal per layer; build it with reversion_subspace.")
+        Direction(b[:, 0].float(), self.norms, self.layers, self.site)  # validates the layers and leading rows
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[1])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.basis.shape[2])
+
+    @property
+    def vectors(self) -> Float[Tensor, "layer d_model"]:
+        """The leading row of each layer (as :attr:`Direction.vectors`)."""
+        return self.basis[:, 0]
+
+    @property
+    def direction(self) -> Direction:
+        """The leading direction as a :class:`Direction` (the mean difference, for :func:`reversion_subspace`)."""
+        return Direction(self.basis[:, 0].float(), self.norms, self.layers, self.site, dict(self.provenance))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> Float[Tensor, "k d_model"]:
+        """The orthonormal rows ``[k, d_model]`` at model layer ``layer``."""
+        try:
+            return self.basis[self.layers.index(layer)]
+        except ValueError:
+            raise DirectionError(f"this subspace covers layers {self.layers}, not layer {layer}.") from None
+
+    def select(self, layers: Sequence[int]) -> "Subspace":
+        missing = [x for x in layers if x not in self.layers]
+        if missing:
+            raise DirectionError(f"layers {missing} are not covered by this subspace (covers {self.layers}).")
+        idx = [self.layers.index(x) for x in layers]
+        return dataclasses.replace(self, basis=self.basis[idx], norms=self.norms[idx], layers=tuple(layers))
+
+    def truncate(self, k: int) -> "Subspace":
+        """The nested subspace of the first ``k`` rows of every layer."""
+        if not 1 <= k <= self.k:
+            raise DirectionError(f"cannot truncate a {self.k}-dimensional subspace to k={k}.")
+        return dataclasses.replace(self, basis=self.basis[:, :k], provenance={**self.provenance, "k": k})
+
+    def check_model(self, model: Any) -> None:
+        self.direction.check_model(model)
+
+    def save(self, path: str | Path) -> Path:
+        meta = {"kind": "subspace", "layers": list(self.layers), "site": self.site, "provenance": self.provenance}
+        return save_tensors(path, {"basis": self.basis.float(), "norms": self.norms.float()}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Subspace":
+        tensors, meta = load_tensors(path)
+        if meta.get("kind") != "subspace":
+            raise ResultsFormatError(f"{path} does not hold a subspace (written by Subspace.save).")
+        return cls(tensors["basis"], tensors["norms"], tuple(meta["layers"]), meta["site"], meta.get("provenance", {}))
+
+
+def as_subspace(x: "Direction | Subspace") -> Subspace:
+    """A :class:`Subspace` as it is, a :class:`Direction` as the ``k = 1`` subspace of its vectors."""
+    if isinstance(x, Subspace):
+        return x
+    if isinstance(x, Direction):
+        return Subspace(x.vectors[:, None, :], x.norms, x.layers, x.site, dict(x.provenance))
+    raise DirectionError(f"expected a Direction or a Subspace, got {type(x).__name__}.")
+
+
+def reversion_subspace(base: ResidStats, aligned: ResidStats, k: int) -> Subspace:
+    """v_rev as a ``k``-dimensional subspace per layer: the mean difference plus the top ``k - 1`` principal
+    components of the per-prompt displacements ``x_base[i] - x_aligned[i]`` orthogonal to it.
+
+    Projected off the mean-difference direction, the displacements have mean zero, so their centred and
+    uncentred principal components coincide. Row 0 of each layer is exactly :func:`mean_difference`'s
+    vector, so ``k = 1`` is v_rev itself and the subspaces are nested in ``k``. Needs per-prompt vectors
+    (``residual_stats(..., keep_per_prompt=True)``) of paired probe sets; ``k - 1`` may not exceed the
+    rank of the orthogonal displacements (at most ``n_prompts - 1``).
+    """
+    if not isinstance(k, int) or k < 1:
+        raise DirectionError(f"k must be a positive integer, got {k!r}.")
+    lead = mean_difference(base, aligned)
+    if k > lead.d_model:
+        raise DirectionError(f"k={k} exceeds d_model={lead.d_model}.")
+    rows = [lead.vectors.double()[:, None, :]]
+    if k > 1:
+        disp = _paired_differences(base, aligned, "reversion_subspace")  # [layer, prompt, d]
+        v = lead.vectors.double()
+        orth = disp - (disp @ v[:, :, None]) * v[:, None, :]
+        _, sv, vh = torch.linalg.svd(orth, full_matrices=False)
+        if sv.shape[1] < k - 1 or (sv[:, k - 2] <= 1e-5 * sv[:, 0].clamp_min(1e-300)).any():
+            raise DirectionError(
+                f"the per-prompt displacements orthogonal to v_rev have rank < {k - 1} at some layer; use a smaller k "
+                "or more probe prompts."
+            )
+        rows.append(vh[:, : k - 1, :])
+    basis = torch.cat(rows, 1)
+    q, _ = torch.linalg.qr(basis.transpose(1, 2))  # re-orthonormalise in float64; keep the leading row's sign
+    q = q.transpose(1, 2) * torch.sign((q.transpose(1, 2) * basis).sum(2, keepdim=True))
+    prov = {**lead.provenance, "method": "reversion_subspace", "k": k}
+    return Subspace(q.float(), lead.norms, lead.layers, lead.site, prov)
+
+
+def random_subspace(d_model: int, layers: Sequence[int], k: int, seed: int, site: str = "resid_post",
+                    like: "Direction | Subspace | None" = None) -> Subspace:  # fmt: skip
+    """Seeded isotropic random ``k``-dimensional subspaces (the control of a :class:`Subspace`)."""
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(len(layers), d_model, k, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(x)
+    norms = like.norms.clone() if like is not None else torch.ones(len(layers))
+    prov = {"method": "random", "seed": int(seed), "k": k}
+    return Subspace(q.transpose(1, 2).float(), norms, tuple(layers), site, prov)
 
 
 def vocab_readout(direction: Direction, model: Any, k: int = 10, tokenizer: Any = None) -> "Any":

@@ -473,7 +473,8 @@ def test_notebook_handle_layers_and_errors():
     with pytest.raises(ShapeError, match="d_model"):
         block(model, Direction.from_vectors(torch.ones(L, D + 1)))
     assert isinstance(block(model, v, "ablate"), Ablate) and set(MODES.names()) == {
-        "grad", "clamp", "ablate", "penalty", "penalty-block", "penalty-push", "update"}
+        "grad", "clamp", "ablate", "penalty", "penalty-block", "penalty-push", "update",
+        "grad-cum", "grad-shared", "grad-everywhere", "update-cum", "orthogonalize", "grad-cum-exact"}
 
 
 def test_random_control_matches_shape_and_is_seeded():

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..activations import ResidStats
-from ..directions import Direction, vocab_readout
+from ..directions import Direction, random_subspace, reversion_subspace, vocab_readout
 from ..hooks import eval_mode
 from ..interventions import block, random_control
 from ..io import FileLock, atomic_write_text, load_tensors, read_json, save_tensors, torch_threads, write_csv, write_json
@@ -173,10 +173,12 @@ def _history_stats(config: ExperimentConfig, setting: Any, hist: SeedHistory, na
     probes = hist.probes()
     estimator = ESTIMATORS[config.direction]
     batch = setting.probe_batch_size or len(probes)
+    # [BLOCKS] subspace arms (v_rev<k>) need the per-prompt displacements
+    per_prompt = bool(estimator.meta.get("per_prompt")) or any(Arm.parse(a).k > 1 for a in config.arms)
     for name in names:
         report(f"seed statistics: {name}")
         st = hist.history.stats(probes, [name], site=config.site, second_moments=name == "aligned",
-                                keep_per_prompt=bool(estimator.meta.get("per_prompt")), batch_size=batch)[name]  # fmt: skip
+                                keep_per_prompt=per_prompt, batch_size=batch)[name]  # fmt: skip
         st.save(folder / "history" / f"{name}.safetensors")
     if hist.tokenizer is not None:
         stats = {n: ResidStats.load(folder / "history" / f"{n}.safetensors") for n in ("base", "aligned")}
@@ -214,7 +216,13 @@ def build_interventions(arm: Arm, model: Any, v: Direction, stats: dict[str, Res
     """The arm's interventions on ``model``, each given what its mode declares it needs."""
     if arm.mode is None:
         return []
-    direction = v if arm.direction == "v_rev" else random_control(v, seed=seed + config.random_seed_offset)
+    direction: Any = v if arm.direction == "v_rev" else random_control(v, seed=seed + config.random_seed_offset)
+    if arm.k > 1:  # [BLOCKS] a k-dimensional v_rev (its leading row is the mean difference) or its random control
+        if arm.direction == "v_rev":
+            direction = reversion_subspace(stats["base"], stats["aligned"], arm.k)
+        else:
+            rseed = seed + config.random_seed_offset
+            direction = random_subspace(v.d_model, v.layers, arm.k, rseed, site=v.site, like=v)
     providers = {
         "reference_model": lambda: hist.load("aligned"),  # a separate, frozen copy: never trained
         "probes": hist.probes,
@@ -273,7 +281,8 @@ def run_arm(config: ExperimentConfig, seed: int, arm_name: str, out: str | os.Pa
             if step in config.track_steps and step > 0:
                 rec["rows"] = tracker.measure(step, m)
                 save_tensors(steps_dir / f"step_{step}.safetensors", {"mean": tracker.means[step]})
-            if step in config.eval_steps and step == 0:  # the aligned model: evaluated once per seed already
+            # the aligned model: evaluated once per seed already ([BLOCKS] unless an intervention edited the weights)
+            if step in config.eval_steps and step == 0 and not any(getattr(iv, "edits_weights", False) for iv in ivs):
                 rec["eval"] = info["evals"]["aligned"]
                 if (sdir / "responses" / "aligned.jsonl").exists():
                     _link(sdir / "responses" / "aligned.jsonl", folder / "responses" / "step_0.jsonl")
