@@ -41,6 +41,7 @@ __all__ = [
     "FileLock",
     "write_csv",
     "torch_threads",
+    "default_cache_dir",
 ]
 
 _UMASK = os.umask(0)
@@ -239,6 +240,12 @@ def _git_state() -> tuple[str | None, bool | None]:
     commit = (_git("rev-parse", "HEAD") or "").strip() or None
     status = _git("status", "--porcelain", "--", ".")
     return commit, (None if status is None else bool(status.strip()))
+
+
+def default_cache_dir() -> Path:
+    """Where histories are cached: ``$REVERSION_LENS_CACHE``, else ``~/.cache/reversion_lens``."""
+    env = os.environ.get("REVERSION_LENS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "reversion_lens"
 
 
 def _cpu_name() -> str:

@@ -80,7 +80,8 @@ def test_demo_options(tmp_path, capsys):
     assert cfg.seeds == (0, 1, 2) and cfg.params.get("preset", "default") == "default" and cfg.steps == 100
     assert demo.config_from_args(_args("--seeds", "0,7")).seeds == (0, 7)
     short = demo.config_from_args(_args("--steps", "30"))
-    assert short.track_steps == (1, 2, 5, 10, 20, 30) and short.eval_steps == (0, 20, 30)
+    assert short.track_steps == (1, 2, 5, 10, 20, 30) and short.eval_steps == (0, 30)
+    assert demo.config_from_args(_args()).seeds == tuple(range(12))  # the demo's shipped-bases design
     quick = demo.config_from_args(_args("--quick"))
     assert quick.params["preset"] == "tiny" and len(quick.seeds) == 2
     with pytest.raises(ConfigError, match="--seeds"):
@@ -90,4 +91,4 @@ def test_demo_options(tmp_path, capsys):
     assert (cfg.params["preset"], cfg.seeds, cfg.steps) == ("paper", (4,), 50)
     assert demo.run(_args("--print-config", "--preset", "tiny")) == 0
     printed = capsys.readouterr().out
-    assert 'preset = "tiny"' in printed and "seeds = [0, 1, 2, 3, 4]" in printed
+    assert 'preset = "tiny"' in printed and "seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in printed

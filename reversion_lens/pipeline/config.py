@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ReversionLensError, reject_unknown_fields
-from ..io import config_hash
+from ..io import config_hash, default_cache_dir
 from ..registry import ESTIMATORS, import_plugins
 from ..sites import SITES
 from .arms import Arm
@@ -35,12 +35,6 @@ __all__ = ["ExperimentConfig", "default_cache_dir", "LIST_FIELDS"]
 LIST_FIELDS = ("seeds", "arms", "track_steps", "eval_steps", "plugins")
 #: Fields that do not change any number (left out of the config's hash).
 RUNTIME_FIELDS = ("workers", "threads_per_worker", "cache_dir")
-
-
-def default_cache_dir() -> Path:
-    """Where histories are cached: ``$REVERSION_LENS_CACHE``, else ``~/.cache/reversion_lens``."""
-    env = os.environ.get("REVERSION_LENS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "reversion_lens"
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,15 @@ import torch
 
 from ..errors import ConfigError, reject_unknown_fields
 from ..history import Checkpoint, History
-from ..io import FileLock, config_hash, read_json, torch_threads, write_json
+from ..io import FileLock, config_hash, default_cache_dir, read_json, torch_threads, write_json
 from ..models import load_native, save_native
 from ..probes import ProbeSet
 from ..training import OptimConfig, finetune
 from .fused import fused_lm_loss
 from .language import DEFAULT_HARMFUL, FAST_WIDTH, OPS, Example, ToyData, ToyLanguage, ToyTokenizer, evaluate
 
-__all__ = ["ToyConfig", "ToyHistory", "build_history", "HISTORY_FIELDS", "PRETRAIN_FIELDS", "SEED_FIELDS"]
+__all__ = ["ToyConfig", "ToyHistory", "build_history", "HISTORY_FIELDS", "PRETRAIN_FIELDS", "SEED_FIELDS", "BASES",
+           "pretraining_losses"]
 
 CACHE_VERSION = 2  # bump when a change to this module changes the weights a config produces
 
@@ -225,6 +226,37 @@ def _train(model: Any, config: ToyConfig, phase: str, seed: int, progress: bool)
     return losses, time.perf_counter() - t0
 
 
+#: Pretrained bases shipped with the package (``analyses/build_bases.py`` builds them; ``MANIFEST.json`` lists
+#: them with their checksums and first pretraining losses): pretraining is the demo's longest phase and the
+#: main source of its seed-to-seed spread, and the one whose outcome changes across CPUs; shipped, every
+#: machine starts the alignment from the same bits.
+BASES = Path(__file__).resolve().parent / "bases"
+
+
+def pretraining_losses(config: ToyConfig, seed: int, steps: int) -> list[float]:
+    """The first ``steps`` losses of the pretraining :func:`build_history` runs for ``seed`` (same init, data,
+    optimizer and schedule): what ``MANIFEST.json`` records, so a test can check a shipped base's recipe."""
+    from transformer_lens import TransformerBridge
+
+    from ..training import lr_at, make_optimizer, train_step
+
+    seed = config.phase_seed("pretrain", seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = TransformerBridge.boot_native(config.model_config(seed))
+    data = ToyData(config.language(), "pretrain", config.pretrain_batch, seed, width=config.batch_width)
+    optim = config.optim("pretrain")
+    model.train()
+    opt = make_optimizer(model, optim)
+    out = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(optim, step, config.pretrain_steps)
+        loss, _ = train_step(model, opt, data.batch(step), step=step, loss_fn=fused_lm_loss, grad_clip=optim.grad_clip)
+        out.append(loss)
+    return out
+
+
 def _pretrained(config: ToyConfig, seed: int, root: Path, progress: bool) -> tuple[Any, dict[str, Any]]:
     """The pretrained model, from ``root/pretrain-<pkey>`` or trained (and cached) now.
 
@@ -234,8 +266,14 @@ def _pretrained(config: ToyConfig, seed: int, root: Path, progress: bool) -> tup
     seed = config.phase_seed("pretrain", seed)
     folder = root / f"pretrain-{config.key(seed, PRETRAIN_FIELDS)}"
     with FileLock(root / f".{folder.name}.lock"):
+        shipped = BASES / folder.name
+        if not _complete(folder) and _complete(shipped):  # a pretrained base shipped with the package
+            tmp = _scratch(folder)
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+            _publish(tmp, folder)
         if _complete(folder):
-            return load_native(folder / "base"), {**read_json(folder / "meta.json"), "pretrain_cached": True}
+            meta = {**read_json(folder / "meta.json"), "pretrain_cached": True, "pretrain_shipped": _complete(shipped)}
+            return load_native(folder / "base"), meta
         from transformer_lens import TransformerBridge
 
         torch.manual_seed(seed)  # as build_history does for the history's seed: same weights either way
@@ -250,7 +288,7 @@ def _pretrained(config: ToyConfig, seed: int, root: Path, progress: bool) -> tup
 
 
 def build_history(
-    config: ToyConfig, seed: int, cache_dir: str | os.PathLike | None = None, progress: bool = False,
+    config: ToyConfig, seed: int, cache_dir: "str | os.PathLike | None | bool" = None, progress: bool = False,
     num_threads: int | None = 1,
 ) -> "ToyHistory":
     """Train (or load from ``cache_dir``) the two-phase history of ``config`` for ``seed``.
@@ -259,9 +297,10 @@ def build_history(
         config: the toy world, e.g. ``ToyConfig.preset("tiny")``.
         seed: seeds the initial weights, every phase's data, the probes and evaluation sets (the
             config's ``pretrain_seed`` / ``align_seed`` override it for one phase).
-        cache_dir: where checkpoints are cached and reused; ``None`` trains into a temporary folder
-            removed when the returned object is garbage collected (keep it alive while its
-            ``history`` is in use).
+        cache_dir: where checkpoints are cached and reused; ``None`` (default): the cache the command line
+            uses, ``$REVERSION_LENS_CACHE/toyworld`` or ``~/.cache/reversion_lens/toyworld``; ``False``: a
+            temporary folder removed when the returned object is garbage collected (keep it alive while
+            its ``history`` is in use).
         progress: show tqdm bars while training.
         num_threads: torch threads while training (1: fastest on small shared machines, and the
             setting the cached weights were made with); ``None`` leaves torch's setting alone.
@@ -271,8 +310,11 @@ def build_history(
     """
     if not isinstance(config, ToyConfig):
         raise ConfigError(f"config must be a ToyConfig (e.g. ToyConfig.preset('default')), got {type(config).__name__}.")
-    temporary = cache_dir is None
-    root = Path(tempfile.mkdtemp(prefix="toyworld-")) if temporary else Path(cache_dir)
+    temporary = cache_dir is False
+    if temporary:
+        root = Path(tempfile.mkdtemp(prefix="toyworld-"))
+    else:
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "toyworld"
     root.mkdir(parents=True, exist_ok=True)
     folder = root / config.key(seed)
     with FileLock(root / f".{folder.name}.lock"):
