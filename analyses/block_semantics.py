@@ -203,7 +203,9 @@ def split_table(out: Path, config: ExperimentConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def clamp_probe_table(out: Path, config: ExperimentConfig, arms: tuple[str, ...] = ("none", "grad-cum:v_rev", "update-cum:v_rev")) -> pd.DataFrame:
+def clamp_probe_table(
+    out: Path, config: ExperimentConfig, arms: tuple[str, ...] = ("none", "grad-cum:v_rev", "update-cum:v_rev")
+) -> pd.DataFrame:
     """Is v_rev where the behaviour lives? Inference-time per-input clamps of v_rev at every layer and position:
 
     * *necessity*: each saved fine-tuned model of ``arms``, clamped to the **aligned** model's component along
@@ -312,7 +314,9 @@ def sequential_step_costs(config: ExperimentConfig, out: Path, steps: int = 2) -
             iv.remove()
         del model, opt, ivs
     base = statistics.mean(seconds["none"])
-    res = {"none": {"seconds_per_step": base, "ratio": 1.0, "none_spread": [min(seconds["none"]), max(seconds["none"])]}}
+    res = {
+        "none": {"seconds_per_step": base, "ratio": 1.0, "none_spread": [min(seconds["none"]), max(seconds["none"])]}
+    }
     for a in arms:
         res[a] = {"seconds_per_step": seconds[a][0], "ratio": seconds[a][0] / base,
                   "ratio_min": seconds[a][0] / max(seconds["none"]), "ratio_max": seconds[a][0] / min(seconds["none"])}  # fmt: skip
@@ -383,7 +387,9 @@ def verdict(all_rows: list[dict[str, Any]]) -> list[str]:
             if r is None:
                 cells.append("–")
                 continue
-            cells.append(f"{'holds' if r['holds'] else 'no'} ({r['max_final_cos']:.2f}); {_paired(r['harm_minus_none'])}")
+            cells.append(
+                f"{'holds' if r['holds'] else 'no'} ({r['max_final_cos']:.2f}); {_paired(r['harm_minus_none'])}"
+            )
         lines.append(f"| `{arm}` | " + " | ".join(cells) + " |")
     everywhere = [a for a in arms if all(by.get((n, a), {}).get("holds") for n in names)]
     lines += ["", f"Holding in every setting listed: {', '.join(f'`{a}`' for a in everywhere) or 'none'}.", ""]
@@ -427,7 +433,9 @@ def markdown(all_rows: list[dict[str, Any]], extras: dict[str, Any]) -> str:
                       "(sufficiency), fine-tuned models clamped to the aligned model's (necessity):", "",
                       "| model | clamped to | harm bare % | harm clamped % |", "| --- | --- | --- | --- |"]  # fmt: skip
             for (model, to), g in probe.groupby(["model", "clamped_to"], sort=False):
-                lines.append(f"| `{model}` | {to} | {100 * g.harm_bare.mean():.1f} | {100 * g.harm_clamped.mean():.1f} |")
+                lines.append(
+                    f"| `{model}` | {to} | {100 * g.harm_bare.mean():.1f} | {100 * g.harm_clamped.mean():.1f} |"
+                )
         split = ex.get("split")
         if split is not None and len(split):
             lines += ["", "Motion of the probe mean along v_l at layer l, step T, split into writer and reader parts "
@@ -448,7 +456,7 @@ def figures(all_rows: list[dict[str, Any]], folder: Path, formats: tuple[str, ..
 
     folder.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(r["setting"] for r in all_rows))
-    color = lambda arm: MODES[Arm.parse(arm).mode].meta.get("color", "#444") if Arm.parse(arm).mode else "#7f7f7f"  # noqa: E731
+    color = lambda arm: MODES[Arm.parse(arm).mode].meta.get("color", "#444") if Arm.parse(arm).mode else "#7f7f7f"
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True)
     for c, name in enumerate(names, 1):
         rows = [r for r in all_rows if r["setting"] == name]
@@ -561,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
                 main_none = next(r for r in all_rows if r["setting"] == target and r["arm"] == "none")
                 here_none = next(r for r in rows if r["arm"] == "none")
                 if main_none["harm"] != here_none["harm"]:
-                    print(f"warning: `none` differs between {target} and {name}; their paired differences are within {name}")
+                    print(
+                        f"warning: `none` differs between {target} and {name}; their paired differences are within {name}"
+                    )
                 rows = [{**r, "setting": target} for r in rows if r["arm"] != "none"]
                 for key, table in tables.items():
                     keep = table[table.arm != "none"] if len(table) else table

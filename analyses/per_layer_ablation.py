@@ -33,7 +33,9 @@ def _layers(text: str | None, n_layers: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="an experiment TOML (any setting); default: the toy world")
-    ap.add_argument("--preset", default="default", choices=("default", "paper", "tiny"), help="toy preset (no --config)")
+    ap.add_argument(
+        "--preset", default="default", choices=("default", "paper", "tiny"), help="toy preset (no --config)"
+    )
     ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 5, or the config's)")
     ap.add_argument("--steps", type=int, help="fine-tuning steps (default 100, or the config's)")
     ap.add_argument("--layers", help="layers to block one at a time: 0,2,5 or 0-3 (default: every layer)")

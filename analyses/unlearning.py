@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="history cache, as the demo's --cache-dir (default ~/.cache/reversion_lens)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 2 seeds, 50 steps (unless given)")
     args = ap.parse_args(argv)
-    defaults = {"preset": "tiny", "seeds": 2, "steps": 50} if args.quick else {"preset": "default", "seeds": 5, "steps": 100}
+    defaults = (
+        {"preset": "tiny", "seeds": 2, "steps": 50} if args.quick else {"preset": "default", "seeds": 5, "steps": 100}
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

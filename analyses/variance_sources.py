@@ -45,10 +45,9 @@ import scipy.stats
 import torch
 
 from reversion_lens import mean_difference
-from reversion_lens.io import write_csv
-from reversion_lens.pipeline import default_cache_dir
 from reversion_lens.interventions import block
-from reversion_lens.io import atomic_write_text, read_json, torch_threads, write_json
+from reversion_lens.io import atomic_write_text, read_json, torch_threads, write_csv, write_json
+from reversion_lens.pipeline import default_cache_dir
 from reversion_lens.toyworld import PRETRAIN_FIELDS, ToyConfig, ToyLanguage, build_history
 from reversion_lens.toyworld.language import first_token, response_kl, response_loss, token_accuracy
 from reversion_lens.training import finetune
@@ -91,6 +90,7 @@ class Run:
 
 def plan(preset: str, reps: int, chaos_reps: int, recipes: list[tuple[str, Any]]) -> dict[str, list[Run]]:
     """The runs of every source (a run shared by two sources is listed in both, computed once)."""
+
     def run(s=0, p=None, a=None, f=None, ph="default", pf="default", recipe=(), arm="none"):
         return Run(preset, s, s if p is None else p, s if a is None else a, s if f is None else f, ph, pf, recipe, arm)
 
@@ -307,7 +307,9 @@ def eval_table(df: pd.DataFrame) -> dict[str, float]:
     p, n = rates.mean(1), int(df.n_eval.iloc[0])
     paired = _draw_pairs(df)
     return {
-        "models": len(df), "draws": rates.shape[1], "n_eval": n,
+        "models": len(df),
+        "draws": rates.shape[1],
+        "n_eval": n,
         "draw_std_mean": float(rates.std(1, ddof=1).mean()),
         "binomial_se_mean": float(np.sqrt(p * (1 - p) / n).mean()),
         "draw_std_diff_mean": float(paired.std(1, ddof=1).mean()) if len(paired) else math.nan,
@@ -401,7 +403,10 @@ def task_table(df: pd.DataFrame, runs: list[Run]) -> list[dict]:
         for arm in ("grad", "control"):
             d = (w[arm] - w["none"]).to_numpy()
             row[f"{arm}_diff_mean"], row[f"{arm}_diff_std"], row[f"{arm}_diff_t"] = (
-                float(d.mean()), float(d.std(ddof=1)), tstat(d))
+                float(d.mean()),
+                float(d.std(ddof=1)),
+                tstat(d),
+            )
         rows.append(row)
     return rows
 
@@ -416,8 +421,9 @@ def cost_table(df: pd.DataFrame, cache: Path) -> dict[str, float]:
         "ft_cpu_none_median": float(one[one.arm == "none"].ft_cpu.median()),
         "eval_cpu_median": float(one.eval_cpu.median()),
         "build_cpu_pretrain_median": float(built.build_cpu.median()) if len(built) else math.nan,
-        "build_cpu_align_only_median": float(one[one.pretrain_cached & ~one.history_cached
-                                                 & (one.build_cpu > 0)].build_cpu.median()),
+        "build_cpu_align_only_median": float(
+            one[one.pretrain_cached & ~one.history_cached & (one.build_cpu > 0)].build_cpu.median()
+        ),
         "base_file_bytes": float(np.median(sizes)) if sizes else math.nan,
         "n_params": int(df.n_params.iloc[0]),
     }
@@ -504,8 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", help="comma list of sources to run (default all; `seed` is always run)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 2 replicates, no recipes (unless given)")
     args = ap.parse_args(argv)
-    defaults = ({"preset": "tiny", "reps": 2, "chaos_reps": 2, "recipes": ""} if args.quick else
-                {"preset": "default", "reps": 8, "chaos_reps": 6, "recipes": "align_steps=80,finetune_batch=128"})
+    defaults = (
+        {"preset": "tiny", "reps": 2, "chaos_reps": 2, "recipes": ""}
+        if args.quick
+        else {"preset": "default", "reps": 8, "chaos_reps": 6, "recipes": "align_steps=80,finetune_batch=128"}
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import cpu_time, print_table, ratio_table  # noqa: E402
+from _timing import cpu_time, print_table, ratio_table
 
-import reversion_lens as rl  # noqa: E402
-from reversion_lens.directions import random_direction  # noqa: E402
-from reversion_lens.interventions import block  # noqa: E402
-from reversion_lens.tracking import DriftTracker  # noqa: E402
-from reversion_lens.training import Batch, OptimConfig, make_optimizer, train_step  # noqa: E402
+import reversion_lens as rl
+from reversion_lens.directions import random_direction
+from reversion_lens.interventions import block
+from reversion_lens.tracking import DriftTracker
+from reversion_lens.training import Batch, OptimConfig, make_optimizer, train_step
 
 
 def build(small: bool, pos: int):
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             if iv is not None:
                 iv.attach()
             try:
-                return cpu_time(lambda: train_step(model, opt, batch, interventions=[iv] if iv else [], grad_clip=optim.grad_clip))
+                return cpu_time(
+                    lambda: train_step(model, opt, batch, interventions=[iv] if iv else [], grad_clip=optim.grad_clip)
+                )
             finally:
                 if iv is not None:
                     iv.remove()
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name].append(variants[name]())
         print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - t_start:.0f} s wall)", flush=True)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import print_table, ratio_table, round_robin  # noqa: E402
+from _timing import print_table, ratio_table, round_robin
 
-from reversion_lens.toyworld import ToyConfig, ToyData  # noqa: E402
-from reversion_lens.toyworld.fused import fused_lm_loss  # noqa: E402
-from reversion_lens.training import OptimConfig, lm_loss, make_optimizer, train_step  # noqa: E402
+from reversion_lens.toyworld import ToyConfig, ToyData
+from reversion_lens.toyworld.fused import fused_lm_loss
+from reversion_lens.training import OptimConfig, lm_loss, make_optimizer, train_step
 
 
 def main(argv: list[str] | None = None) -> None:

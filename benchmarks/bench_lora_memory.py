@@ -81,9 +81,17 @@ def tiny_model(folder: Path) -> str:
     from hf_fixtures import make_tokenizer
 
     cfg = LlamaConfig(
-        vocab_size=49152, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=384, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=49152,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -121,21 +129,29 @@ def main() -> None:
                 runs[v].append(run_child(v, args, spec))
     weights = runs["load"][0]["weights_mib"]
     full_peak = statistics.median(r["peak_mib"] for r in runs["full"])
-    print(f"\nmodel {'tiny random Llama' if args.tiny else spec}: weights {weights:.1f} MiB (float32); AdamW, "
-          f"{args.steps} steps of {args.batch} x {args.seq} tokens; LoRA r={args.r} on {args.targets}; "
-          f"{args.repeats} run(s) each, median [min-max]")
-    print(f"{'variant':<8} {'trainable':>12} {'peak after load MiB':>26} {'peak MiB':>26} "
-          f"{'peak - load MiB':>20} {'/ weights':>10} {'/ full':>7}")
+    print(
+        f"\nmodel {'tiny random Llama' if args.tiny else spec}: weights {weights:.1f} MiB (float32); AdamW, "
+        f"{args.steps} steps of {args.batch} x {args.seq} tokens; LoRA r={args.r} on {args.targets}; "
+        f"{args.repeats} run(s) each, median [min-max]"
+    )
+    print(
+        f"{'variant':<8} {'trainable':>12} {'peak after load MiB':>26} {'peak MiB':>26} "
+        f"{'peak - load MiB':>20} {'/ weights':>10} {'/ full':>7}"
+    )
     for v in variants:
         rs = runs[v]
         peaks = [r["peak_mib"] for r in rs]
         extra = [r["peak_mib"] - r["loaded_mib"] for r in rs]
-        print(f"{v:<8} {rs[0]['trainable']:>12,} {fmt([r['loaded_mib'] for r in rs]):>26} {fmt(peaks):>26} "
-              f"{statistics.median(extra):>20.1f} {statistics.median(extra) / weights:>10.2f} "
-              f"{statistics.median(peaks) / full_peak:>7.3f}")
+        print(
+            f"{v:<8} {rs[0]['trainable']:>12,} {fmt([r['loaded_mib'] for r in rs]):>26} {fmt(peaks):>26} "
+            f"{statistics.median(extra):>20.1f} {statistics.median(extra) / weights:>10.2f} "
+            f"{statistics.median(peaks) / full_peak:>7.3f}"
+        )
     for v in ("full", "lora"):
-        print(f"{v} losses (first run): {[round(x, 3) for x in runs[v][0]['losses']]}, "
-              f"train wall {runs[v][0]['train_s']:.1f} s")
+        print(
+            f"{v} losses (first run): {[round(x, 3) for x in runs[v][0]['losses']]}, "
+            f"train wall {runs[v][0]['train_s']:.1f} s"
+        )
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=2))
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import print_table, ratio_table, round_robin  # noqa: E402
+from _timing import print_table, ratio_table, round_robin
 
-import reversion_lens as rl  # noqa: E402
+import reversion_lens as rl
 
 
 def build(small: bool):
@@ -134,7 +134,9 @@ def main() -> None:
     print_table(rows, f"{size}, vocab 50257, {args.prompts} prompts x 64 tokens, 1 thread, {args.rounds} rounds", extra)
     ours_t, cache_t = times["reversion_lens.residual_stats (all layers)"], times["run_with_cache, no filter"]
     speedup = sorted(c / o for c, o in zip(cache_t, ours_t))
-    print(f"\nunfiltered run_with_cache / ours: median {speedup[len(speedup) // 2]:.2f}x [{speedup[0]:.2f}-{speedup[-1]:.2f}]")
+    print(
+        f"\nunfiltered run_with_cache / ours: median {speedup[len(speedup) // 2]:.2f}x [{speedup[0]:.2f}-{speedup[-1]:.2f}]"
+    )
     rss = {n: peak_rss_child(n, args.small) for n in (1, args.prompts, 4 * args.prompts, 16 * args.prompts)}
     for n, mib in rss.items():
         print(f"peak RSS of a fresh process streaming {n:4d} prompts (batch 32): {mib:7.1f} MiB")

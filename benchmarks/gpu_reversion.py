@@ -119,7 +119,9 @@ def probes_and_data(model: Any, args: argparse.Namespace) -> tuple[ProbeSet, Any
         probes = text_probes(model, read_prompts(args.prompts, limit=args.n_probes), name=Path(args.prompts).stem)
     else:
         g = torch.Generator().manual_seed(args.seed + 7)
-        probes = ProbeSet.from_tokens(torch.randint(0, int(model.cfg.d_vocab), (args.n_probes, args.probe_len), generator=g))
+        probes = ProbeSet.from_tokens(
+            torch.randint(0, int(model.cfg.d_vocab), (args.n_probes, args.probe_len), generator=g)
+        )
     if args.data:
         from reversion_lens.text import TextBatchSource, read_examples
 
@@ -144,7 +146,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = "small" if args.small else "gpt2-small"
 
     with tempfile.TemporaryDirectory(prefix="gpu_reversion_") as tmp:
-        base_src, aligned_src = (args.base, args.aligned) if args.base else offline_pair(Path(tmp), size, args.perturb, args.seed)
+        base_src, aligned_src = (
+            (args.base, args.aligned) if args.base else offline_pair(Path(tmp), size, args.perturb, args.seed)
+        )
         base_spec = parse_spec(base_src, device=device_name, dtype=weight_dtype)
         aligned_spec = parse_spec(aligned_src, device=device_name, dtype=weight_dtype)  # checks the device exists
         if device.type == "cuda":
@@ -153,7 +157,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = aligned_spec.load()  # the model to fine-tune; its tokenizer (if any) builds the probes and data
         n_ctx = int(model.cfg.n_ctx)
         if max(args.seq, args.probe_len) > n_ctx:
-            sys.exit(f"--seq {args.seq} / --probe-len {args.probe_len}: the model's context is {n_ctx} tokens; use at most that.")
+            sys.exit(
+                f"--seq {args.seq} / --probe-len {args.probe_len}: the model's context is {n_ctx} tokens; use at most that."
+            )
         probes, data = probes_and_data(model, args)
         hist = make_history({"base": base_spec, "aligned": aligned_spec})
 
@@ -199,12 +205,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trackers: dict[str, Any] = {}
     names = list(runs)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             model.load_state_dict(state)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            s, out = timed(lambda: runs[name](args.steps), device)
+            s, out = timed(lambda name=name: runs[name](args.steps), device)
             seconds[name].append(s)
             if device.type == "cuda":
                 peak[name] = max(peak[name] or 0, torch.cuda.max_memory_allocated(device))
@@ -227,14 +233,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {
             "base": str(base_spec) if args.base else f"random native {size} (seed {args.seed})",
             "aligned": str(aligned_spec) if args.base else f"base + {args.perturb:g} x RMS noise",
-            "n_layers": int(model.cfg.n_layers), "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
-            "device": device_name, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "weights": weight_dtype, "autocast_bf16": args.autocast, "timer": "cuda events" if device.type == "cuda"
-            else f"process CPU time, {torch.get_num_threads()} thread(s)", "steps": args.steps,
-            "batch": args.batch, "seq": args.seq, "train_tokens": train_tokens, "track_steps": list(track),
-            "probes": [len(probes), int(probes.tokens.shape[1])], "rounds": args.rounds, "warmup": args.warmup,
-            "optim": optim.to_dict(), "torch": torch.__version__, "weights_bytes": weights_bytes,
-        },  # fmt: skip
+            "n_layers": int(model.cfg.n_layers),
+            "d_model": int(model.cfg.d_model),
+            "d_vocab": int(model.cfg.d_vocab),
+            "device": device_name,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "weights": weight_dtype,
+            "autocast_bf16": args.autocast,
+            "timer": "cuda events"
+            if device.type == "cuda"
+            else f"process CPU time, {torch.get_num_threads()} thread(s)",
+            "steps": args.steps,
+            "batch": args.batch,
+            "seq": args.seq,
+            "train_tokens": train_tokens,
+            "track_steps": list(track),
+            "probes": [len(probes), int(probes.tokens.shape[1])],
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "optim": optim.to_dict(),
+            "torch": torch.__version__,
+            "weights_bytes": weights_bytes,
+        },
         "direction": {"seconds_wall": derive_s, "layers": list(v.layers), "norms": [float(x) for x in v.norms]},
         "variants": rows,
     }
@@ -256,14 +276,18 @@ def print_report(res: dict[str, Any]) -> None:
     for name, r in res["variants"].items():
         peak = f"{r['peak_bytes'] / 2**20:9.0f}" if r["peak_bytes"] is not None else f"{'n/a':>9}"
         cos = f"{r['cos_at_last_step']:7.3f}" if r["cos_at_last_step"] is not None else f"{'':>7}"
-        rr = f"{r['reversion_ratio_at_last_step']:8.4f}" if r["reversion_ratio_at_last_step"] is not None else f"{'':>8}"
+        rr = (
+            f"{r['reversion_ratio_at_last_step']:8.4f}" if r["reversion_ratio_at_last_step"] is not None else f"{'':>8}"
+        )
         print(f"{name:<26} {r['seconds']:9.3f} {r['tokens_per_s']:11.0f} {r['time_vs_plain']:10.3f} "
               f"{r['time_vs_forward']:8.3f} {peak} {cos} {rr}")  # fmt: skip
     tracked, blocked = res["variants"][VARIANTS[2]], res["variants"][VARIANTS[3]]
-    print(f"tracked fine-tuning runs at {1 / tracked['time_vs_plain']:.3f}x the plain tokens/s and "
-          f"{1 / tracked['time_vs_forward']:.3f}x the forward-only tokens/s; with the grad block "
-          f"{1 / blocked['time_vs_plain']:.3f}x and {1 / blocked['time_vs_forward']:.3f}x. "
-          "cos@T / ratio@T: mean over layers of cos(drift, v_rev) and the reversion ratio after the last step.")
+    print(
+        f"tracked fine-tuning runs at {1 / tracked['time_vs_plain']:.3f}x the plain tokens/s and "
+        f"{1 / tracked['time_vs_forward']:.3f}x the forward-only tokens/s; with the grad block "
+        f"{1 / blocked['time_vs_plain']:.3f}x and {1 / blocked['time_vs_forward']:.3f}x. "
+        "cos@T / ratio@T: mean over layers of cos(drift, v_rev) and the reversion ratio after the last step."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,5 +216,3 @@ def _finite_or_raise(x: Tensor, what: str, layers: Sequence[int], layer_dim: int
             f"{what} contain NaN or inf at layer(s) {where}; they cannot be used or saved. Recompute them from "
             "a model whose activations are finite (check the checkpoint's weights and the dtype)."
         )
-
-

@@ -61,11 +61,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_text_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompt-field", default="prompt", help="field (column) holding the prompt in JSONL / CSV / data sets")
+    g.add_argument(
+        "--prompt-field", default="prompt", help="field (column) holding the prompt in JSONL / CSV / data sets"
+    )
     g.add_argument("--where", help="keep only rows with COLUMN=VALUE (CSV / JSONL), e.g. FunctionalCategory=standard")
     g.add_argument("--limit", type=int, help="use only the first N prompts")
-    g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
-                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    g.add_argument(
+        "--chat",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="wrap prompts in the tokenizer's chat template (auto: when it has one)",
+    )
     g.add_argument("--system", help="system prompt (chat templates only)")
 
 
@@ -77,19 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    r = sub.add_parser("run", help="an experiment config: seeds x arms on any setting, resumable",
-                       description="Run (or resume) every seed x arm of a TOML config into --out: results, "
-                       "summary.md, report.html and figures. `--example toy|hf` prints a commented config.")
+    r = sub.add_parser(
+        "run",
+        help="an experiment config: seeds x arms on any setting, resumable",
+        description="Run (or resume) every seed x arm of a TOML config into --out: results, "
+        "summary.md, report.html and figures. `--example toy|hf` prints a commented config.",
+    )
     r.add_argument("config", nargs="?", type=Path, help="the TOML config (see --example)")
     r.add_argument("--example", choices=("toy", "hf"), help="print a complete, commented config and exit")
     r.add_argument("--out", type=Path, help="results folder (default: results/<config name>)")
     r.add_argument("--workers", type=int, help="parallel processes (overrides the config's workers)")
     r.add_argument("--figures", choices=("html", "png", "both", "none"), default="both", help="figures to write")
 
-    d = sub.add_parser("direction", help="v_rev from a base and an aligned checkpoint",
-                       description="Probe statistics of both checkpoints (one model in memory at a time), v_rev "
-                       "per layer and the null models, written as seed 0 of a results folder. Prompts are tokenised "
-                       "with the aligned model's tokenizer (its chat template when --chat auto finds one).")
+    d = sub.add_parser(
+        "direction",
+        help="v_rev from a base and an aligned checkpoint",
+        description="Probe statistics of both checkpoints (one model in memory at a time), v_rev "
+        "per layer and the null models, written as seed 0 of a results folder. Prompts are tokenised "
+        "with the aligned model's tokenizer (its chat template when --chat auto finds one).",
+    )
     d.add_argument("--base", required=True, help="model spec of the earlier (base) checkpoint")
     d.add_argument("--aligned", required=True, help="model spec of the later (aligned) checkpoint")
     d.add_argument("--prompts", required=True, help="probe prompts: a prompt source (see reversion-lens -h)")
@@ -100,17 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_options(d)
     _add_model_options(d)
 
-    t = sub.add_parser("track", help="fine-tune with drift tracking (and optionally a block)",
-                       description="Fine-tune --model on prompt/response data, measuring the probe drift along "
-                       "v_rev, in one arm of the pipeline (a results folder with trajectories.csv and summary.md).")
+    t = sub.add_parser(
+        "track",
+        help="fine-tune with drift tracking (and optionally a block)",
+        description="Fine-tune --model on prompt/response data, measuring the probe drift along "
+        "v_rev, in one arm of the pipeline (a results folder with trajectories.csv and summary.md).",
+    )
     t.add_argument("--model", required=True, help="model spec to fine-tune (the aligned checkpoint)")
-    t.add_argument("--data", required=True, help="fine-tuning data: .jsonl/.json/.csv with prompt and response, or hf:NAME")
+    t.add_argument(
+        "--data", required=True, help="fine-tuning data: .jsonl/.json/.csv with prompt and response, or hf:NAME"
+    )
     t.add_argument("--prompts", required=True, help="probe prompts (the ones the direction was derived on)")
     t.add_argument("--direction", required=True, type=Path, help="result folder of 'reversion-lens direction'")
     t.add_argument("--steps", required=True, type=int, help="fine-tuning steps")
     t.add_argument("--block", default="none", help="intervention mode: none (default), grad, clamp, update, ...")
-    t.add_argument("--block-direction", choices=("v_rev", "random"), default="v_rev",
-                   help="block along v_rev (default) or a seeded random control direction")
+    t.add_argument(
+        "--block-direction",
+        choices=("v_rev", "random"),
+        default="v_rev",
+        help="block along v_rev (default) or a seeded random control direction",
+    )
     t.add_argument("--layers", nargs="+", help="layers to block (default: all)")
     t.add_argument("--arm", help="the arm, in the pipeline's grammar (e.g. grad:v_rev@0,2); overrides --block")
     t.add_argument("--out", required=True, type=Path, help="result folder")
@@ -128,20 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--judge", default="refusal", help="refusal, classifier:FOLDER, llm:MODEL or package.module:name")
     t.add_argument("--max-new-tokens", type=int, default=48)
     t.add_argument("--response-field", default="response", help="field holding the response in --data records")
-    t.add_argument("--checkpoint-every", type=int, help="resumable state every K steps (default: auto, <= ~5%% overhead)")
+    t.add_argument(
+        "--checkpoint-every", type=int, help="resumable state every K steps (default: auto, <= ~5%% overhead)"
+    )
     t.add_argument("--keep-state", action="store_true", help="keep the final resumable state")
-    t.add_argument("--save-model", choices=("none", "final", "evaluated"), default="none",
-                   help="write the fine-tuned model as a Hugging Face folder (final, or at every evaluated step)")
+    t.add_argument(
+        "--save-model",
+        choices=("none", "final", "evaluated"),
+        default="none",
+        help="write the fine-tuned model as a Hugging Face folder (final, or at every evaluated step)",
+    )
     _add_text_options(t)
     _add_model_options(t)
 
-    e = sub.add_parser("eval", help="harm, refusal and over-refusal rates of a model",
-                       description="Greedy responses to harmful (and benign) prompts, judged; rates and responses.")
+    e = sub.add_parser(
+        "eval",
+        help="harm, refusal and over-refusal rates of a model",
+        description="Greedy responses to harmful (and benign) prompts, judged; rates and responses.",
+    )
     e.add_argument("--model", required=True, help="model spec (a folder written by --save-model works)")
     e.add_argument("--prompts", required=True, help="harmful prompts: a prompt source (harmbench:test, a file)")
     e.add_argument("--benign", help="benign prompts for the over-refusal rate (optional)")
-    e.add_argument("--judge", default="refusal",
-                   help="refusal (refusal phrases, default), classifier:FOLDER, llm:MODEL or package.module:name")
+    e.add_argument(
+        "--judge",
+        default="refusal",
+        help="refusal (refusal phrases, default), classifier:FOLDER, llm:MODEL or package.module:name",
+    )
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     e.add_argument("--out", type=Path, help="result folder for responses.jsonl and summary.txt (optional)")
@@ -320,7 +353,7 @@ def cmd_track(args: argparse.Namespace) -> int:
             params[key] = {"path": value, "field": args.prompt_field}
     if args.heldout:
         params["heldout"] = _source(args.heldout, args, response_field=args.response_field)
-    track = (tuple(range(args.track_every, args.steps + 1, args.track_every)) + (args.steps,)
+    track = ((*tuple(range(args.track_every, args.steps + 1, args.track_every)), args.steps)
              if args.track_every else tuple(s for s in tracking_steps(args.steps) if s > 0))  # fmt: skip
     evals = _steps(args.eval_steps, args.steps, "--eval-steps") or ((0, args.steps) if args.eval_prompts or
                                                                      args.heldout or args.benign_prompts else ())  # fmt: skip
@@ -374,7 +407,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.out is not None:
         atomic_write_text(args.out / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in responses))
-        write_json(args.out / "eval.json", {"model": spec.to_dict(), "rates": result, "argv": sys.argv, "judge": args.judge})
+        write_json(
+            args.out / "eval.json", {"model": spec.to_dict(), "rates": result, "argv": sys.argv, "judge": args.judge}
+        )
         atomic_write_text(args.out / "summary.txt", summary + "\n")
     print(summary)
     return 0

@@ -43,7 +43,9 @@ def _estimator(method: str | Callable) -> Callable:
     if callable(method):
         return method
     if method not in ESTIMATORS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(ESTIMATORS.names())} or pass a function.")
+        raise ConfigError(
+            f"unknown method {method!r}; choose one of {', '.join(ESTIMATORS.names())} or pass a function."
+        )
     return ESTIMATORS[method].obj
 
 

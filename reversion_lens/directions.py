@@ -34,8 +34,8 @@ from torch import Tensor
 
 from .activations import ResidStats
 from .errors import DirectionError, ResultsFormatError, ShapeError
-from .registry import ESTIMATORS
 from .io import load_tensors, save_tensors
+from .registry import ESTIMATORS
 
 __all__ = [
     "Direction",
@@ -103,9 +103,13 @@ class Direction:
                 f"vectors must be a non-empty 2-D tensor [layer, d_model], got {getattr(v, 'shape', type(v))}."
             )
         if len(self.layers) != v.shape[0]:
-            raise DirectionError(f"{v.shape[0]} vectors but {len(self.layers)} layers {self.layers}; give one per layer.")
+            raise DirectionError(
+                f"{v.shape[0]} vectors but {len(self.layers)} layers {self.layers}; give one per layer."
+            )
         if not isinstance(self.norms, Tensor) or self.norms.shape != (v.shape[0],):
-            raise DirectionError(f"norms must have shape [{v.shape[0]}], got {tuple(getattr(self.norms, 'shape', ()))}.")
+            raise DirectionError(
+                f"norms must have shape [{v.shape[0]}], got {tuple(getattr(self.norms, 'shape', ()))}."
+            )
         if not torch.isfinite(self.norms).all():
             raise DirectionError(
                 f"norms {self.norms.tolist()} are not finite; recompute the direction from finite statistics."
@@ -138,7 +142,9 @@ class Direction:
                 f"vectors must be [layer, d_model] (or [d_model] for one layer), got shape {tuple(v.shape)}."
             )
         if len(layers) != v.shape[0]:
-            raise DirectionError(f"vectors of shape {tuple(v.shape)} do not match layers {layers}; give one layer per row.")
+            raise DirectionError(
+                f"vectors of shape {tuple(v.shape)} do not match layers {layers}; give one layer per row."
+            )
         unit, norms = _unit_rows(v, "direction", layers)
         return cls(unit, norms, layers, site, dict(provenance))
 
@@ -162,9 +168,7 @@ class Direction:
         if None in idx:
             missing = [x for x, i in zip(layers, idx) if i is None]
             raise DirectionError(f"layers {missing} are not covered by this direction (covers {self.layers}).")
-        return dataclasses.replace(
-            self, vectors=self.vectors[idx], norms=self.norms[idx], layers=tuple(layers)
-        )
+        return dataclasses.replace(self, vectors=self.vectors[idx], norms=self.norms[idx], layers=tuple(layers))
 
     def to(self, *args: Any, **kwargs: Any) -> "Direction":
         """A copy on another device/dtype (the unit-norm check is in float64, so any dtype is fine)."""
@@ -174,7 +178,9 @@ class Direction:
         """Raise :class:`ShapeError` if this direction cannot be applied to ``model``."""
         D, L = int(model.cfg.d_model), int(model.cfg.n_layers)
         if self.d_model != D:
-            raise ShapeError(f"direction has d_model {self.d_model} but the model has {D}; it was derived for another model.")
+            raise ShapeError(
+                f"direction has d_model {self.d_model} but the model has {D}; it was derived for another model."
+            )
         if max(self.layers) >= L:
             raise ShapeError(f"direction covers layer {max(self.layers)} but the model has only {L} layers.")
 
@@ -418,10 +424,18 @@ def random_direction(
 #: ``f(first, second, *, same_probes=True, **options) -> Direction``; ``per_prompt``: it needs the
 #: statistics' per-prompt vectors (``residual_stats(..., keep_per_prompt=True)``).
 ESTIMATORS.register("mean_difference", mean_difference, per_prompt=False, doc="normalize(mean_first - mean_second)")
-ESTIMATORS.register("principal_component", principal_component, per_prompt=True,
-                    doc="top principal component of the centred paired differences, sign-aligned")
-ESTIMATORS.register("uncentred_pca", uncentred_pca, per_prompt=True,
-                    doc="top singular vector of the uncentred paired differences (steering-vectors' pca_aggregator)")
+ESTIMATORS.register(
+    "principal_component",
+    principal_component,
+    per_prompt=True,
+    doc="top principal component of the centred paired differences, sign-aligned",
+)
+ESTIMATORS.register(
+    "uncentred_pca",
+    uncentred_pca,
+    per_prompt=True,
+    doc="top singular vector of the uncentred paired differences (steering-vectors' pca_aggregator)",
+)
 ESTIMATORS.register("logistic", logistic, per_prompt=True, doc="normal of an L2-regularised logistic regression")
 
 
@@ -597,7 +611,9 @@ def vocab_readout(direction: Direction, model: Any, k: int = 10, tokenizer: Any 
             for rank, (val, tid) in enumerate(zip(vals.tolist(), idx.tolist())):
                 score = val if side == "top" else -val
                 name = _token_str(tok, tid)
-                rows.append({"layer": layer, "side": side, "rank": rank, "token_id": tid, "token": name, "score": score})
+                rows.append(
+                    {"layer": layer, "side": side, "rank": rank, "token_id": tid, "token": name, "score": score}
+                )
     return pd.DataFrame(rows)
 
 
@@ -614,4 +630,3 @@ def _token_str(tok: Any, tid: int) -> str:
             out = out if isinstance(out, str) else str(out)
             return out if out.strip() else f"<{tid}>"  # padding and control tokens decode to nothing
     return str(tid)
-

@@ -185,7 +185,7 @@ class RayExecutor:
         for i, ref in enumerate(refs):
             try:
                 results.append(ray.get(ref))
-            except Exception as e:  # noqa: BLE001 - a RayTaskError (or a lost worker); re-raised below with the item
+            except Exception as e:
                 failures.append((i, e))
                 results.append(None)
         if failures:

@@ -24,8 +24,14 @@ from .activations import ResidStats
 from .directions import Direction, Subspace, as_subspace
 from .errors import NonFiniteError, ShapeError
 
-__all__ = ["drift_metrics", "METRIC_COLUMNS", "subspace_alignment", "subspace_null_quantile", "subspace_metrics",
-           "SUBSPACE_COLUMNS"]
+__all__ = [
+    "drift_metrics",
+    "METRIC_COLUMNS",
+    "subspace_alignment",
+    "subspace_null_quantile",
+    "subspace_metrics",
+    "SUBSPACE_COLUMNS",
+]
 
 METRIC_COLUMNS = ("cos", "projection", "drift_norm", "reversion_ratio")
 SUBSPACE_COLUMNS = ("k", "alignment", "energy_share", "null_p99", "lead_cos", "drift_norm")

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data import Batch, next_token_scores
 from .errors import ConfigError, ProbeError, ShapeError
+from .hooks import eval_mode
 from .judges import REFUSAL_PREFIXES, as_judge, is_refusal, refusal_judge
 from .probes import ProbeSet
 from .responses import (
@@ -33,8 +35,6 @@ from .responses import (
     harmfulness,
     save_responses,
 )
-from .data import Batch, next_token_scores
-from .hooks import eval_mode
 
 __all__ = [
     "REFUSAL_PREFIXES",

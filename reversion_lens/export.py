@@ -61,7 +61,7 @@ def _find_browser() -> str | None:
         from choreographer.browsers.chromium import Chromium
 
         return Chromium.find_browser(skip_local=False)
-    except Exception:  # noqa: BLE001 - choreographer internals moved: fall back to PATH
+    except Exception:
         names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
         return os.environ.get("BROWSER_PATH") or next((p for n in names if (p := shutil.which(n))), None)
 
@@ -117,7 +117,7 @@ def _render(fig: go.Figure, fmt: str, scale: float) -> bytes:
             with warnings.catch_warnings():  # plotly passes its default kopts, which a running server ignores
                 warnings.filterwarnings("ignore", "The kopts argument is ignored", UserWarning)
                 result["bytes"] = fig.to_image(format=fmt, scale=scale)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as e:
             result["error"] = e
 
     t = threading.Thread(target=work, daemon=True)

@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from scipy import stats as _sps
 
-from .errors import ReversionLensError, ResultsFormatError, SiteError
+from .errors import ResultsFormatError, ReversionLensError, SiteError
 
 __all__ = [
     "ARM_COLORS",
@@ -226,22 +226,32 @@ def alignment_heatmap(traj: pd.DataFrame, arms: Sequence[str] | None = None, zma
         n = a["count"].fillna(0).to_numpy().reshape(len(layers), len(steps))
         fig.add_trace(
             go.Heatmap(
-                z=z, x=[str(s) for s in steps], y=[str(layer) for layer in layers], name=arm,
+                z=z,
+                x=[str(s) for s in steps],
+                y=[str(layer) for layer in layers],
+                name=arm,
                 customdata=np.stack([sd, n], axis=-1),
-                colorscale="RdBu_r", zmid=0.0, zmin=-zmax, zmax=zmax, showscale=i == len(arms) - 1,
+                colorscale="RdBu_r",
+                zmid=0.0,
+                zmin=-zmax,
+                zmax=zmax,
+                showscale=i == len(arms) - 1,
                 colorbar=dict(title=dict(text=COS_LABEL, side="right")),
-                texttemplate="%{z:.2f}" if show_text else None, textfont=dict(size=10),
+                texttemplate="%{z:.2f}" if show_text else None,
+                textfont=dict(size=10),
                 hovertemplate=f"arm={arm}<br>step=%{{x}}<br>layer=%{{y}}<br>mean cos=%{{z:.3f}}"
                 "<br>std=%{customdata[0]:.3f}<br>n seeds=%{customdata[1]}<extra></extra>",
             ),
-            row=row + 1, col=col + 1,
+            row=row + 1,
+            col=col + 1,
         )
         fig.update_xaxes(title_text=STEP_LABEL, type="category", row=row + 1, col=col + 1)
     for r in range(nrows):
         fig.update_yaxes(title_text="layer", type="category", row=r + 1, col=1)
     n_seeds = data["seed"].nunique()
     fig.update_layout(
-        **_LAYOUT, height=100 + nrows * (90 + 40 * len(layers) + 60),
+        **_LAYOUT,
+        height=100 + nrows * (90 + 40 * len(layers) + 60),
         title_text=f"Drift alignment with v_rev: mean {COS_LABEL} over {n_seeds} seeds",
     )
     return fig
@@ -268,43 +278,82 @@ def alignment_curves(
         g = d.groupby("step")["cos"]
         mean, sd = g.mean(), g.std(ddof=1).fillna(0.0)
         x = list(mean.index)
-        fig.add_trace(go.Scatter(
-            x=x + x[::-1], y=list(mean + sd) + list((mean - sd)[::-1]), fill="toself", fillcolor=_rgba(c, 0.15),
-            mode="lines", line=dict(width=0), name=f"{arm} ± std", legendgroup=arm, showlegend=False, hoverinfo="skip",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=list(mean + sd) + list((mean - sd)[::-1]),
+                fill="toself",
+                fillcolor=_rgba(c, 0.15),
+                mode="lines",
+                line=dict(width=0),
+                name=f"{arm} ± std",
+                legendgroup=arm,
+                showlegend=False,
+                hoverinfo="skip",
+            )
+        )
         for seed, s in d.groupby("seed"):
-            fig.add_trace(go.Scatter(
-                x=s["step"], y=s["cos"], mode="lines", line=dict(color=c, width=1), opacity=0.35,
-                name=f"{arm} seed {seed}", legendgroup=arm, showlegend=False,
-                hovertemplate=f"arm={arm}<br>seed={seed}<br>step=%{{x}}<br>layer={layer}"
-                "<br>cos=%{y:.3f}<extra></extra>",
-            ))
-        fig.add_trace(go.Scatter(
-            x=x, y=mean, customdata=np.stack([sd, g.count()], axis=-1), mode="lines+markers",
-            line=dict(color=c, width=2.5), name=arm, legendgroup=arm,
-            hovertemplate=f"arm={arm}<br>step=%{{x}}<br>layer={layer}<br>mean cos=%{{y:.3f}}"
-            "<br>std=%{customdata[0]:.3f}<br>n seeds=%{customdata[1]}<extra></extra>",
-        ))
+            fig.add_trace(
+                go.Scatter(
+                    x=s["step"],
+                    y=s["cos"],
+                    mode="lines",
+                    line=dict(color=c, width=1),
+                    opacity=0.35,
+                    name=f"{arm} seed {seed}",
+                    legendgroup=arm,
+                    showlegend=False,
+                    hovertemplate=f"arm={arm}<br>seed={seed}<br>step=%{{x}}<br>layer={layer}"
+                    "<br>cos=%{y:.3f}<extra></extra>",
+                )
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=mean,
+                customdata=np.stack([sd, g.count()], axis=-1),
+                mode="lines+markers",
+                line=dict(color=c, width=2.5),
+                name=arm,
+                legendgroup=arm,
+                hovertemplate=f"arm={arm}<br>step=%{{x}}<br>layer={layer}<br>mean cos=%{{y:.3f}}"
+                "<br>std=%{customdata[0]:.3f}<br>n seeds=%{customdata[1]}<extra></extra>",
+            )
+        )
     span = [data["step"].min(), data["step"].max()] if len(data) else [0, 1]
     if "null_p99_matched" in lay and lay["null_p99_matched"].notna().any():
         lo, hi = lay["null_p99_matched"].min(), lay["null_p99_matched"].max()
-        fig.add_trace(go.Scatter(
-            x=span + span[::-1], y=[hi, hi, lo, lo], fill="toself", fillcolor="rgba(60,60,60,0.12)",
-            line=dict(color="rgba(60,60,60,0.6)", width=1, dash="dot"), mode="lines",
-            name="covariance-matched null p99 (min–max over runs)",
-            hovertemplate=f"matched null p99: {lo:.3f} to {hi:.3f}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=span + span[::-1],
+                y=[hi, hi, lo, lo],
+                fill="toself",
+                fillcolor="rgba(60,60,60,0.12)",
+                line=dict(color="rgba(60,60,60,0.6)", width=1, dash="dot"),
+                mode="lines",
+                name="covariance-matched null p99 (min–max over runs)",
+                hovertemplate=f"matched null p99: {lo:.3f} to {hi:.3f}<extra></extra>",
+            )
+        )
     if "null_p99_isotropic" in lay and lay["null_p99_isotropic"].notna().any():
         iso = float(lay["null_p99_isotropic"].mean())
-        fig.add_trace(go.Scatter(
-            x=span, y=[iso, iso], mode="lines", line=dict(color="black", width=1.5, dash="dash"),
-            name="isotropic null p99 (mean over runs)", hovertemplate=f"isotropic null p99 = {iso:.3f}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=span,
+                y=[iso, iso],
+                mode="lines",
+                line=dict(color="black", width=1.5, dash="dash"),
+                name="isotropic null p99 (mean over runs)",
+                hovertemplate=f"isotropic null p99 = {iso:.3f}<extra></extra>",
+            )
+        )
     fig.add_hline(y=0, line=dict(color="grey", width=1))
     fig.update_xaxes(title_text=STEP_LABEL, type="log" if log_x else "linear")
     fig.update_yaxes(title_text=COS_LABEL)
     fig.update_layout(
-        **_LAYOUT, height=540, title_text=f"Drift alignment with v_rev at layer {layer} (mean ± std across seeds)",
+        **_LAYOUT,
+        height=540,
+        title_text=f"Drift alignment with v_rev at layer {layer} (mean ± std across seeds)",
         legend=dict(groupclick="togglegroup", orientation="h", yanchor="top", y=-0.2, x=0),
     )
     return fig
@@ -354,8 +403,18 @@ def null_comparison(
         grid = grid[(grid > -1) & (grid < 1)]
         a = (d_model - 1) / 2
         dens = _sps.beta.pdf((1 + grid) / 2, a, a) / 2  # density of c = 2B - 1
-        fig.add_trace(go.Scatter(x=grid, y=dens, mode="lines", fill="tozeroy", line=dict(color="#555555"),
-                                 name=f"isotropic null density (d = {d_model})"), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=grid,
+                y=dens,
+                mode="lines",
+                fill="tozeroy",
+                line=dict(color="#555555"),
+                name=f"isotropic null density (d = {d_model})",
+            ),
+            row=1,
+            col=1,
+        )
         p = isotropic_p99(d_model, q)
         ymax = float(dens.max())
     else:
@@ -364,16 +423,36 @@ def null_comparison(
         if ns.size == 0:
             raise ReversionLensError(f"{fn}: null_samples has no finite values; pass the null cosines.")
         counts, edges = np.histogram(ns, bins=min(80, max(10, ns.size // 20)), density=True)
-        fig.add_trace(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), marker_color="#888888",
-                             name=f"{label} null samples (n = {ns.size})"), row=1, col=1)
+        fig.add_trace(
+            go.Bar(
+                x=(edges[:-1] + edges[1:]) / 2,
+                y=counts,
+                width=np.diff(edges),
+                marker_color="#888888",
+                name=f"{label} null samples (n = {ns.size})",
+            ),
+            row=1,
+            col=1,
+        )
         p = float(np.quantile(ns, q))
         ymax = float(counts.max())
     if threshold is not None:
         p = float(threshold)
     above = int((x_obs > p).sum())
     line = dict(color="black", width=2, dash="dash")
-    fig.add_trace(go.Scatter(x=[p, p], y=[0, ymax * 1.05], mode="lines", line=line, name=f"{label} {pname} ({p:.3f})",
-                             legendgroup="p", hoverinfo="skip"), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=[p, p],
+            y=[0, ymax * 1.05],
+            mode="lines",
+            line=line,
+            name=f"{label} {pname} ({p:.3f})",
+            legendgroup="p",
+            hoverinfo="skip",
+        ),
+        row=1,
+        col=1,
+    )
     groups = list(obs.groupby("arm", sort=False)) if "arm" in obs else [("observed", obs)]
     names = [str(g) for g, _ in groups]
     colors = arm_colors(names) if "arm" in obs else {"observed": "#333333"}
@@ -384,16 +463,26 @@ def null_comparison(
         if {"seed", "step"} <= set(g.columns):
             custom = g[["seed", "step"]].to_numpy()
             hover = f"arm={name}<br>seed=%{{customdata[0]}}<br>step=%{{customdata[1]}}<br>" + hover
-        fig.add_trace(go.Scatter(
-            x=g["cos"], y=[name] * len(g), mode="markers", customdata=custom, hovertemplate=hover, name=name,
-            marker=dict(symbol="line-ns-open", size=16, color=colors[name], line=dict(width=2, color=colors[name])),
-        ), row=2, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=g["cos"],
+                y=[name] * len(g),
+                mode="markers",
+                customdata=custom,
+                hovertemplate=hover,
+                name=name,
+                marker=dict(symbol="line-ns-open", size=16, color=colors[name], line=dict(width=2, color=colors[name])),
+            ),
+            row=2,
+            col=1,
+        )
     fig.add_vline(x=p, line=line, row=2, col=1)
     fig.update_xaxes(title_text=COS_LABEL, row=2, col=1)
     fig.update_yaxes(title_text="density", row=1, col=1)
     fig.update_yaxes(type="category", row=2, col=1)
     fig.update_layout(
-        **_LAYOUT, height=480,
+        **_LAYOUT,
+        height=480,
         title_text=f"{above} of {len(x_obs)} run-step values above the {label} {pname} ({p:.3f})",
     )
     return fig
@@ -410,8 +499,10 @@ def harm_vs_alignment(traj: pd.DataFrame, layer: int) -> go.Figure:
     lay = _at_layer(traj, layer, fn)
     data = lay[lay["harmful_rate"].notna() & lay["cos"].notna()]
     if len(data) < 3:
-        raise ResultsFormatError(f"{fn}: only {len(data)} rows at layer {layer} have both cos and harmful_rate; "
-                                 "evaluate harmfulness at more tracked steps.")
+        raise ResultsFormatError(
+            f"{fn}: only {len(data)} rows at layer {layer} have both cos and harmful_rate; "
+            "evaluate harmfulness at more tracked steps."
+        )
     constant = data["cos"].nunique() < 2 or data["harmful_rate"].nunique() < 2
     rho, pval = (np.nan, np.nan) if constant else _sps.spearmanr(data["cos"], data["harmful_rate"])
     if np.isnan(rho):
@@ -423,12 +514,18 @@ def harm_vs_alignment(traj: pd.DataFrame, layer: int) -> go.Figure:
     fig = go.Figure()
     for arm in arms:
         d = data[data["arm"] == arm]
-        fig.add_trace(go.Scatter(
-            x=d["cos"], y=100 * d["harmful_rate"], mode="markers", name=arm, customdata=d[["seed", "step"]].to_numpy(),
-            marker=dict(color=colors[arm], size=9, opacity=0.8, line=dict(width=0.5, color="white")),
-            hovertemplate=f"arm={arm}<br>seed=%{{customdata[0]}}<br>step=%{{customdata[1]}}"
-            "<br>cos=%{x:.3f}<br>harmful=%{y:.1f}%<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=d["cos"],
+                y=100 * d["harmful_rate"],
+                mode="markers",
+                name=arm,
+                customdata=d[["seed", "step"]].to_numpy(),
+                marker=dict(color=colors[arm], size=9, opacity=0.8, line=dict(width=0.5, color="white")),
+                hovertemplate=f"arm={arm}<br>seed=%{{customdata[0]}}<br>step=%{{customdata[1]}}"
+                "<br>cos=%{x:.3f}<br>harmful=%{y:.1f}%<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text=COS_LABEL)
     fig.update_yaxes(title_text=HARM_LABEL, rangemode="tozero")
     fig.update_layout(**_LAYOUT, height=480, title_text=f"Harmfulness vs alignment at layer {layer}: {corr}")
@@ -446,17 +543,36 @@ def _bars_with_points(fig, groups, col: str, scale: float, panel: int, showlegen
     for i, (name, color, g) in enumerate(groups):
         g = g[g[col].notna()]
         v, sd = scale * g[col].astype(float), _std(scale * g[col].astype(float))
-        fig.add_trace(go.Bar(
-            x=[i], y=[v.mean()], error_y=dict(type="data", array=[sd], color="#333333"), width=0.7,
-            marker=dict(color=_rgba(color, 0.55), line=dict(color=color, width=1.5)),
-            name=name, legendgroup=name, showlegend=showlegend,
-            hovertemplate=f"{key}={name}<br>mean=%{{y:.3f}}<br>std={sd:.3f}<br>n={len(v)}<extra></extra>",
-        ), row=1, col=panel)
-        fig.add_trace(go.Scatter(
-            x=i + _jitter(len(v), 0.4), y=v, mode="markers", customdata=g["seed"].to_numpy(), name=f"{name} seeds",
-            legendgroup=name, showlegend=False, marker=dict(color=color, size=7, line=dict(width=1, color="white")),
-            hovertemplate=f"{key}={name}<br>seed=%{{customdata}}<br>value=%{{y:.3f}}<extra></extra>",
-        ), row=1, col=panel)
+        fig.add_trace(
+            go.Bar(
+                x=[i],
+                y=[v.mean()],
+                error_y=dict(type="data", array=[sd], color="#333333"),
+                width=0.7,
+                marker=dict(color=_rgba(color, 0.55), line=dict(color=color, width=1.5)),
+                name=name,
+                legendgroup=name,
+                showlegend=showlegend,
+                hovertemplate=f"{key}={name}<br>mean=%{{y:.3f}}<br>std={sd:.3f}<br>n={len(v)}<extra></extra>",
+            ),
+            row=1,
+            col=panel,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=i + _jitter(len(v), 0.4),
+                y=v,
+                mode="markers",
+                customdata=g["seed"].to_numpy(),
+                name=f"{name} seeds",
+                legendgroup=name,
+                showlegend=False,
+                marker=dict(color=color, size=7, line=dict(width=1, color="white")),
+                hovertemplate=f"{key}={name}<br>seed=%{{customdata}}<br>value=%{{y:.3f}}<extra></extra>",
+            ),
+            row=1,
+            col=panel,
+        )
     n = len(groups)
     fig.update_xaxes(tickvals=list(range(n)), ticktext=[g[0] for g in groups], range=[-0.6, n - 0.4], row=1, col=panel)
 
@@ -484,9 +600,16 @@ def ablation_summary(
     if layer is None and "layer" in runs and runs["layer"].nunique() == 1:
         layer = int(runs["layer"].iloc[0])
     cos_title = f"final {COS_LABEL}" + (f", layer {layer}" if layer is not None else "")
-    panels = [("final_cos", 1.0, cos_title, "final alignment"), ("harmful_rate", 100.0, HARM_LABEL, "harmfulness"),
-              (tcol, 100.0 if task == "accuracy" else 1.0,
-               "task accuracy (%)" if task == "accuracy" else "task loss (nats)", f"task {task}")]
+    panels = [
+        ("final_cos", 1.0, cos_title, "final alignment"),
+        ("harmful_rate", 100.0, HARM_LABEL, "harmfulness"),
+        (
+            tcol,
+            100.0 if task == "accuracy" else 1.0,
+            "task accuracy (%)" if task == "accuracy" else "task loss (nats)",
+            f"task {task}",
+        ),
+    ]
     fig = make_subplots(rows=1, cols=3, subplot_titles=[p[3] for p in panels], horizontal_spacing=0.09)
     colors = arm_colors(arms)
     groups = [(a, colors[a], runs[runs["arm"] == a]) for a in arms]
@@ -495,8 +618,12 @@ def ablation_summary(
         fig.update_yaxes(title_text=ytitle, row=1, col=j + 1)
         fig.update_xaxes(tickangle=-35, row=1, col=j + 1)
     n_seeds = runs["seed"].nunique()
-    fig.update_layout(**_LAYOUT, height=460, barmode="overlay",
-                      title_text=f"Effect of each arm after fine-tuning (mean ± std over {n_seeds} seeds)")
+    fig.update_layout(
+        **_LAYOUT,
+        height=460,
+        barmode="overlay",
+        title_text=f"Effect of each arm after fine-tuning (mean ± std over {n_seeds} seeds)",
+    )
     return fig
 
 
@@ -532,8 +659,13 @@ def per_layer_ablation(table: pd.DataFrame) -> go.Figure:
         fig.update_yaxes(title_text=ytitle, row=1, col=j + 1)
         fig.update_xaxes(title_text="v_rev blocked at", row=1, col=j + 1)
     n_seeds = table["seed"].nunique()
-    fig.update_layout(**_LAYOUT, height=440, barmode="overlay", showlegend=False,
-                      title_text=f"Blocking v_rev one layer at a time (mean ± std over {n_seeds} seeds)")
+    fig.update_layout(
+        **_LAYOUT,
+        height=440,
+        barmode="overlay",
+        showlegend=False,
+        title_text=f"Blocking v_rev one layer at a time (mean ± std over {n_seeds} seeds)",
+    )
     return fig
 
 
@@ -565,15 +697,26 @@ def vocab_readout(
             d = d.head(k)
         n_max = max(n_max, len(d))
         pos = list(range(len(d)))
-        fig.add_trace(go.Bar(
-            x=d["score"], y=pos, orientation="h", marker_color=colors[side], name=side,
-            customdata=d[["rank"]].to_numpy(), text=[_show_token(t) for t in d["token"]],
-            hovertemplate="token=%{text}<br>rank=%{customdata[0]}<br>score=%{x:.3f}<extra></extra>",
-            textposition="none",
-        ), row=1, col=j + 1)
-        fig.update_yaxes(tickvals=pos, ticktext=[_show_token(t) for t in d["token"]], autorange="reversed",
-                         row=1, col=j + 1)
+        fig.add_trace(
+            go.Bar(
+                x=d["score"],
+                y=pos,
+                orientation="h",
+                marker_color=colors[side],
+                name=side,
+                customdata=d[["rank"]].to_numpy(),
+                text=[_show_token(t) for t in d["token"]],
+                hovertemplate="token=%{text}<br>rank=%{customdata[0]}<br>score=%{x:.3f}<extra></extra>",
+                textposition="none",
+            ),
+            row=1,
+            col=j + 1,
+        )
+        fig.update_yaxes(
+            tickvals=pos, ticktext=[_show_token(t) for t in d["token"]], autorange="reversed", row=1, col=j + 1
+        )
         fig.update_xaxes(title_text=score_label, row=1, col=j + 1)
-    fig.update_layout(**_LAYOUT, height=160 + 24 * n_max, showlegend=False,
-                      title_text=f"Vocabulary readout of v_rev at layer {layer}")
+    fig.update_layout(
+        **_LAYOUT, height=160 + 24 * n_max, showlegend=False, title_text=f"Vocabulary readout of v_rev at layer {layer}"
+    )
     return fig

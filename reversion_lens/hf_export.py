@@ -169,6 +169,7 @@ def _empty_model(cls: type, config: Any, dtype: torch.dtype) -> torch.nn.Module:
 def _embedding_keys(hf: torch.nn.Module) -> tuple[str | None, str | None]:
     names = {id(m): n for n, m in hf.named_modules()}
     inp, out = hf.get_input_embeddings(), hf.get_output_embeddings()
+
     def key(m: Any) -> str | None:
         return None if m is None or id(m) not in names else f"{names[id(m)]}.weight"
 

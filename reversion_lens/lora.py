@@ -191,8 +191,12 @@ def apply_lora(
             for i, (_, comp) in enumerate(items):
                 holder.add_module(f"t{i}", comp.original_component)
             config = peft.LoraConfig(
-                r=r, lora_alpha=alpha, lora_dropout=dropout, fan_in_fan_out=conv1d,
-                target_modules=[f"t{i}" for i in range(len(items))], bias="none",
+                r=r,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                fan_in_fan_out=conv1d,
+                target_modules=[f"t{i}" for i in range(len(items))],
+                bias="none",
             )
             peft.inject_adapter_in_model(config, holder)
             for i, (_, comp) in enumerate(items):
@@ -383,9 +387,13 @@ def save_lora_adapter(model: Any, folder: str | os.PathLike, *, base_model_name_
     r, alpha = int(first.r[ADAPTER]), float(first.lora_alpha[ADAPTER])
     dropout = first.lora_dropout[ADAPTER]
     config = peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=float(getattr(dropout, "p", 0.0)),
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(getattr(dropout, "p", 0.0)),
         target_modules=sorted(paths[id(x)] for x in layers.values()),
-        fan_in_fan_out=isinstance(first.get_base_layer(), Conv1D), bias="none", task_type="CAUSAL_LM",
+        fan_in_fan_out=isinstance(first.get_base_layer(), Conv1D),
+        bias="none",
+        task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path or str(model.cfg.model_name),
     )
     tensors = {}

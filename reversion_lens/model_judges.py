@@ -281,8 +281,8 @@ class LLMJudge(BaseJudge):
     @torch.inference_mode()
     def scores(self, prompts: Sequence[str], responses: Sequence[str], question: str) -> Float[Tensor, " pair"]:
         """``logsumexp(logits[yes]) - logsumexp(logits[no])`` at the last position, one per pair (float32, CPU)."""
-        from .probes import pad_sequences
         from .hooks import eval_mode
+        from .probes import pad_sequences
 
         if self.templates.get(question) is None:
             raise ConfigError(f"this judge has no template for {question!r}.")

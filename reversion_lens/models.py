@@ -109,9 +109,12 @@ def save_native(
 def is_native_dir(folder: str | os.PathLike) -> bool:
     """A folder written by :func:`save_native` (native config, no Hugging Face ``model_type``)."""
     folder = Path(folder)
-    return (folder / NATIVE_WEIGHTS).exists() and (folder / NATIVE_CONFIG).exists() and not (
-        folder / "tokenizer_config.json"
-    ).exists() and "model_type" not in _read_config(folder)
+    return (
+        (folder / NATIVE_WEIGHTS).exists()
+        and (folder / NATIVE_CONFIG).exists()
+        and not (folder / "tokenizer_config.json").exists()
+        and "model_type" not in _read_config(folder)
+    )
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -180,7 +183,7 @@ def hf_signature(folder: str | os.PathLike) -> dict[str, int] | None:
     c = json.loads(path.read_text())
     if "text_config" in c:
         c = {**c, **c["text_config"]}
-    pick = lambda *keys: next((c[k] for k in keys if k in c), None)  # noqa: E731
+    pick = lambda *keys: next((c[k] for k in keys if k in c), None)
     n_layers = pick("num_hidden_layers", "n_layer", "num_layers")
     d_model = pick("hidden_size", "n_embd", "d_model")
     vocab = pick("vocab_size")

@@ -73,7 +73,9 @@ class ProbeSet:
     def __post_init__(self) -> None:
         toks, mask = self.tokens, self.attention_mask
         if not isinstance(toks, Tensor) or toks.ndim != 2:
-            raise ProbeError(f"tokens must be a 2-D LongTensor [prompt, pos], got {getattr(toks, 'shape', type(toks))}.")
+            raise ProbeError(
+                f"tokens must be a 2-D LongTensor [prompt, pos], got {getattr(toks, 'shape', type(toks))}."
+            )
         if toks.shape[0] == 0 or toks.shape[1] == 0:
             raise ProbeError("the probe set is empty; give at least one prompt with at least one token.")
         if toks.dtype not in (torch.long, torch.int32, torch.int64):
@@ -110,9 +112,7 @@ class ProbeSet:
         # Every prompt must have at least one read position.
         empty = self.read_weights().sum(1) == 0
         if empty.any():
-            raise ProbeError(
-                f"span {self.span} selects no tokens of prompt {int(empty.nonzero()[0])}; widen the span."
-            )
+            raise ProbeError(f"span {self.span} selects no tokens of prompt {int(empty.nonzero()[0])}; widen the span.")
 
     # ------------------------------------------------------------------ constructors
     @classmethod

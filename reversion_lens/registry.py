@@ -73,7 +73,9 @@ class Registry:
 
         def add(obj: Any) -> Any:
             if not isinstance(name, str) or not name or any(c in name for c in ":@, "):
-                raise ConfigError(f"{self.kind} name {name!r} must be a non-empty string without ':', '@', ',' or spaces.")
+                raise ConfigError(
+                    f"{self.kind} name {name!r} must be a non-empty string without ':', '@', ',' or spaces."
+                )
             old = self._entries.get(name)
             if old is not None and old.target is not obj:
                 raise ConfigError(f"{self.kind} {name!r} is registered already ({old.target!r}); pick another name.")
@@ -122,7 +124,9 @@ ESTIMATORS = Registry("direction estimator", builtins=("reversion_lens.direction
 #: Experiment settings: lazy ``"module:Class"`` paths, so the runner knows them only by name.
 SETTINGS = Registry("setting")
 SETTINGS.register("toy", "reversion_lens.toyworld.setting:ToySetting", doc="the embedded toy world")
-SETTINGS.register("unlearning", "reversion_lens.toyworld.setting:UnlearningSetting", doc="toy unlearning of one operation")
+SETTINGS.register(
+    "unlearning", "reversion_lens.toyworld.setting:UnlearningSetting", doc="toy unlearning of one operation"
+)
 SETTINGS.register("hf", "reversion_lens.hf.setting:HFSetting", doc="Hugging Face checkpoints from a TOML [hf] table")
 
 

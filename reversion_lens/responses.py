@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import pad_token_id
 from .errors import ConfigError
+from .hooks import eval_mode
 from .judges import as_judge, refusal_judge
 from .probes import ProbeSet
-from .data import pad_token_id
-from .hooks import eval_mode
 
 __all__ = [
     "KINDS",

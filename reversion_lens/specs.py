@@ -230,8 +230,10 @@ class ModelSpec:
         except RevisionNotFoundError as e:
             raise SpecError(f"{self.name!r} has no revision {rev!r}; check it on the model's hub page.") from e
         except EntryNotFoundError as e:
-            raise SpecError(f"{self.name!r} at {rev or 'main'} has no config.json; it is not a transformers model.") from e
-        except Exception:  # noqa: BLE001 - offline by accident, proxies, timeouts: loading will say what failed
+            raise SpecError(
+                f"{self.name!r} at {rev or 'main'} has no config.json; it is not a transformers model."
+            ) from e
+        except Exception:
             return
 
     def hub_revision(self) -> str | None:
@@ -366,7 +368,9 @@ def parse_spec(text: "str | os.PathLike | ModelSpec", **options: Any) -> ModelSp
     options = {k: v for k, v in options.items() if v is not None}
     unknown = set(options) - {"device", "dtype", "n_devices", "device_map", "hf_kwargs"}
     if unknown:
-        raise SpecError(f"unknown spec option(s) {sorted(unknown)}; use device, dtype, n_devices, device_map, hf_kwargs.")
+        raise SpecError(
+            f"unknown spec option(s) {sorted(unknown)}; use device, dtype, n_devices, device_map, hf_kwargs."
+        )
     if "dtype" in options:  # canonical name: "bf16" -> "bfloat16"
         options["dtype"] = str(parse_dtype(options["dtype"])).removeprefix("torch.")
     if isinstance(text, ModelSpec):
@@ -375,7 +379,7 @@ def parse_spec(text: "str | os.PathLike | ModelSpec", **options: Any) -> ModelSp
     if not raw:
         raise SpecError("empty model spec; give a hub name, NAME@REVISION or a local directory.")
     if raw.startswith(GGUF_PREFIX):
-        return ModelSpec(name=str(find_gguf(raw[len(GGUF_PREFIX):])), kind="gguf", **options).validate()
+        return ModelSpec(name=str(find_gguf(raw[len(GGUF_PREFIX) :])), kind="gguf", **options).validate()
     path = Path(raw).expanduser()
     if path.exists():
         return ModelSpec(**_local(path), **options).validate()
@@ -441,7 +445,11 @@ def check_compatible(specs: Mapping[str, ModelSpec]) -> None:
     known = [(n, s, sig) for n, s, sig in known if sig is not None]
     for name, spec, sig in known[1:]:
         first_name, first_spec, first = known[0]
-        diffs = [f"{k} {first[k]} vs {sig[k]}" for k in ("architecture", "n_layers", "d_model", "d_vocab") if first[k] != sig[k]]
+        diffs = [
+            f"{k} {first[k]} vs {sig[k]}"
+            for k in ("architecture", "n_layers", "d_model", "d_vocab")
+            if first[k] != sig[k]
+        ]
         if diffs:
             raise IncompatibleCheckpointsError(
                 f"checkpoints {first_name!r} ({first_spec}) and {name!r} ({spec}) are not states of one model: "

@@ -15,7 +15,6 @@ Conventions
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import scipy.stats
@@ -53,8 +52,8 @@ __all__ = [
 MIN_NORM = 1e-12  # absolute: a vector with a smaller L2 norm (in float64) counts as zero
 _CHUNK_ELEMENTS = 1 << 22  # bound on Gaussian draws held in memory at once (~32 MB of float64)
 
-ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
-Number = Union[float, int]
+ArrayLike = Tensor | np.ndarray | Sequence[float]
+Number = float | int
 # Shapes under the default dim=-1; "#" marks leading dims that broadcast between arguments.
 Vectors = Float[Tensor, "*#batch d_model"]
 PerRow = Float[Tensor, "*#batch"]
@@ -118,8 +117,10 @@ def _vector_1d(values: ArrayLike, name: str) -> np.ndarray:
     if arr.ndim != 1 or arr.size == 0:
         raise ShapeError(f"{name} must be a non-empty 1-D list of numbers, got shape {arr.shape}; flatten it first.")
     if not np.isfinite(arr).all():
-        raise NonFiniteError(f"{name} has NaN or inf at index {int(np.flatnonzero(~np.isfinite(arr))[0])}; "
-                             f"drop the failed runs before summarising.")
+        raise NonFiniteError(
+            f"{name} has NaN or inf at index {int(np.flatnonzero(~np.isfinite(arr))[0])}; "
+            f"drop the failed runs before summarising."
+        )
     return arr
 
 
@@ -139,7 +140,7 @@ def _quantile(x: Tensor, q: float) -> Tensor:
     return s[..., lo] + (pos - lo) * (s[..., hi] - s[..., lo])
 
 
-def _generator(seed: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
@@ -186,14 +187,14 @@ def _beta_param(d: int) -> float:
     return (_check_dim(d) - 1) / 2.0
 
 
-def _scipy_map(fn, x: Union[Number, ArrayLike]) -> Union[float, Tensor]:
+def _scipy_map(fn, x: Number | ArrayLike) -> float | Tensor:
     if isinstance(x, (float, int)):
         return float(fn(float(x)))
     arr = torch.as_tensor(x, dtype=torch.float64)
     return torch.from_numpy(np.asarray(fn(arr.cpu().numpy()), dtype=np.float64)).to(arr.device)
 
 
-def isotropic_quantile(q: Union[Number, ArrayLike], d: int) -> Union[float, Tensor]:
+def isotropic_quantile(q: Number | ArrayLike, d: int) -> float | Tensor:
     """Exact ``q``-quantile of ``cos(u, e)`` for a fixed unit ``e`` and uniform random unit ``u`` in ``d`` dims.
 
     Uses ``(1 + C) / 2 ~ Beta((d-1)/2, (d-1)/2)``. ``isotropic_quantile(0.99, 768) ≈ 0.083879``.
@@ -206,7 +207,7 @@ def isotropic_quantile(q: Union[Number, ArrayLike], d: int) -> Union[float, Tens
     return _scipy_map(lambda p: 2.0 * scipy.stats.beta.ppf(p, a, a) - 1.0, q)
 
 
-def isotropic_pvalue(c: Union[Number, ArrayLike], d: int) -> Union[float, Tensor]:
+def isotropic_pvalue(c: Number | ArrayLike, d: int) -> float | Tensor:
     """One-sided ``P(C >= c)`` under the isotropic null in ``d`` dims (float for a number, else a tensor)."""
     a = _beta_param(d)
     return _scipy_map(lambda x: scipy.stats.beta.sf((1.0 + np.clip(x, -1.0, 1.0)) / 2.0, a, a), c)
@@ -242,8 +243,10 @@ def covariance(samples: Float[Tensor, "*batch n d_model"]) -> Float[Tensor, "*ba
     """Sample covariance (ddof=1, float64) of the rows of ``samples`` (leading dims batch, e.g. per layer)."""
     x = torch.as_tensor(samples).to(torch.float64)
     if x.ndim < 2 or x.shape[-2] < 2:
-        raise ShapeError(f"covariance needs samples of shape [..., n, d] with n >= 2 rows, got {list(x.shape)}; "
-                         f"pass at least two prompts (or per-prompt displacements).")
+        raise ShapeError(
+            f"covariance needs samples of shape [..., n, d] with n >= 2 rows, got {list(x.shape)}; "
+            f"pass at least two prompts (or per-prompt displacements)."
+        )
     if not torch.isfinite(x).all():
         raise NonFiniteError("covariance: samples contain NaN or inf; drop the non-finite prompts first.")
     xc = x - x.mean(dim=-2, keepdim=True)
@@ -259,8 +262,10 @@ def matched_null_samples(cov: Covariances, v: Vectors, n: int, seed: int = 0) ->
     """
     cov64 = torch.as_tensor(cov).to(torch.float64)
     if cov64.ndim < 2 or cov64.shape[-1] != cov64.shape[-2] or cov64.shape[-1] != v.shape[-1]:
-        raise ShapeError(f"cov must be [..., d, d] and v [..., d] with the same d; got {list(cov64.shape)} and "
-                         f"{list(v.shape)}. Build cov with covariance(samples) on the same site as v.")
+        raise ShapeError(
+            f"cov must be [..., d, d] and v [..., d] with the same d; got {list(cov64.shape)} and "
+            f"{list(v.shape)}. Build cov with covariance(samples) on the same site as v."
+        )
     if not torch.isfinite(cov64).all():
         raise NonFiniteError("cov contains NaN or inf; recompute it from finite activations.")
     v_unit = _unit64(v, "v")
@@ -269,8 +274,10 @@ def matched_null_samples(cov: Covariances, v: Vectors, n: int, seed: int = 0) ->
     # round-off leaves |eigenvalues| ~ d·eps·λ_max where the true ones are 0: treat those (and negatives) as 0
     evals = torch.where(evals > top * evals.shape[-1] * torch.finfo(torch.float64).eps, evals, 0.0)
     if (top <= 0).any():
-        raise ShapeError("cov is zero (no variance), so random drifts have no direction; pass the covariance "
-                         "of activations or displacements that actually vary.")
+        raise ShapeError(
+            "cov is zero (no variance), so random drifts have no direction; pass the covariance "
+            "of activations or displacements that actually vary."
+        )
     batch = torch.broadcast_shapes(evals.shape[:-1], v_unit.shape[:-1])
     sd = evals.sqrt().expand(*batch, -1)  # [*batch, d]
     w = sd * (evecs.transpose(-1, -2) @ v_unit.unsqueeze(-1)).squeeze(-1)  # z·v̂ = g·w, |z|² = Σ λ g²
@@ -307,11 +314,15 @@ def permutation_null_samples(
     """
     a, b = group_a.to(torch.float64), group_b.to(torch.float64)
     if a.shape[1:] != b.shape[1:] or a.shape[0] < 1 or b.shape[0] < 1:
-        raise ShapeError(f"groups must be non-empty [n, ..., d] with matching trailing shapes, got {list(a.shape)} "
-                         f"and {list(b.shape)}; read both groups at the same sites.")
+        raise ShapeError(
+            f"groups must be non-empty [n, ..., d] with matching trailing shapes, got {list(a.shape)} "
+            f"and {list(b.shape)}; read both groups at the same sites."
+        )
     if reference.shape[-1] != a.shape[-1]:
-        raise ShapeError(f"reference has d={reference.shape[-1]} but the groups have d={a.shape[-1]}; "
-                         f"use a direction read at the same site as the activations.")
+        raise ShapeError(
+            f"reference has d={reference.shape[-1]} but the groups have d={a.shape[-1]}; "
+            f"use a direction read at the same site as the activations."
+        )
     ref_unit = _unit64(reference, "reference")  # validate before the permutations
     pool = torch.cat([a, b]).flatten(1)  # [N, rest]
     n_a, total = a.shape[0], pool.sum(dim=0)
@@ -328,7 +339,7 @@ def permutation_null_samples(
     return samples.movedim(0, -1)
 
 
-def empirical_pvalue(samples: Float[Tensor, "*batch n"], observed: Union[Number, PerRow]) -> Float[Tensor, "*batch"]:
+def empirical_pvalue(samples: Float[Tensor, "*batch n"], observed: Number | PerRow) -> Float[Tensor, "*batch"]:
     """One-sided Monte Carlo p-value ``(1 + #{samples >= observed}) / (n + 1)`` along the last axis."""
     s = torch.as_tensor(samples, dtype=torch.float64)
     obs = torch.as_tensor(observed, dtype=torch.float64, device=s.device).unsqueeze(-1)
@@ -434,7 +445,7 @@ def spearman(x: ArrayLike, y: ArrayLike) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def fraction_above(values: ArrayLike, threshold: Union[Number, ArrayLike]) -> float:
+def fraction_above(values: ArrayLike, threshold: Number | ArrayLike) -> float:
     """Fraction of ``values`` strictly above ``threshold`` (which broadcasts against ``values``), as a float."""
     if isinstance(values, Tensor):
         v = values.detach().to(torch.float64)

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import Batch, pad_token_id
 from .errors import ProbeError
 from .probes import ProbeSet, pad_sequences
 from .sources import Example, parse_where, read_examples, read_prompts
-from .data import Batch, pad_token_id
 
 __all__ = [
     "Example",
@@ -143,7 +143,12 @@ def text_probes(
         raise ProbeError("the probe set is empty; give at least one prompt string.")
     seqs = [encode_prompt(model, p, chat=chat, system=system) for p in prompts]
     return ProbeSet.from_tokens(
-        seqs, pad_id=pad_token_id(_tokenizer(model)), padding_side=padding_side, read=read, span=span, name=name,
+        seqs,
+        pad_id=pad_token_id(_tokenizer(model)),
+        padding_side=padding_side,
+        read=read,
+        span=span,
+        name=name,
         texts=list(prompts),
     )
 
@@ -225,7 +230,9 @@ class TextBatchSource:
         self.seed = int(seed)
         self.chat = use_chat(model, chat)
         self.pad_id = pad_token_id(_tokenizer(model))
-        self._encoded = [encode_example(model, ex, chat=self.chat, system=system, max_len=max_len) for ex in self.examples]
+        self._encoded = [
+            encode_example(model, ex, chat=self.chat, system=system, max_len=max_len) for ex in self.examples
+        ]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -259,4 +266,10 @@ class TextBatchSource:
         return h.hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
-        return {"n": len(self), "batch_size": self.batch_size, "seed": self.seed, "chat": self.chat, "hash": self.hash()}
+        return {
+            "n": len(self),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "chat": self.chat,
+            "hash": self.hash(),
+        }

@@ -84,7 +84,7 @@ class DriftTracker:
         """Measure at ``step``; returns (and records) one row per layer. Re-measuring a step replaces its rows."""
         step = int(step)
         try:
-            with eval_mode(model), (nullcontext() if self.with_interventions else paused(model)):
+            with eval_mode(model), nullcontext() if self.with_interventions else paused(model):
                 stats = residual_stats(
                     model, self.probes, site=self.site, layers=self.layers, batch_size=self.batch_size
                 )
@@ -135,4 +135,3 @@ def load_means(path: str | Path) -> dict[int, Float[Tensor, "layer d_model"]]:
     if meta.get("kind") != "drift_means":
         raise ResultsFormatError(f"{path} does not hold drift means (written by DriftTracker.save_means).")
     return {int(k.split("_", 1)[1]): v for k, v in sorted(tensors.items(), key=lambda kv: int(kv[0].split("_", 1)[1]))}
-

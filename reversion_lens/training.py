@@ -33,12 +33,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from .data import Batch, BatchSource, next_token_loss, shifted_labels
@@ -115,8 +113,7 @@ def tracking_steps(steps: int) -> tuple[int, ...]:
     while k < steps:
         out += [s for s in (k, 2 * k, 5 * k) if s < steps]
         k *= 10
-    return tuple(sorted(set(out + [steps])))
-
+    return tuple(sorted(set([*out, steps])))
 
 
 def train_step(
@@ -165,8 +162,15 @@ class FinetuneResult(list):
         resumed_from: the checkpoint step this call resumed from (``None``: a fresh run).
     """
 
-    def __init__(self, losses: Sequence[float], aux_losses: Sequence[float], evals: list[dict[str, Any]],
-                 records: list[dict[str, Any]], config: dict[str, Any], resumed_from: int | None):
+    def __init__(
+        self,
+        losses: Sequence[float],
+        aux_losses: Sequence[float],
+        evals: list[dict[str, Any]],
+        records: list[dict[str, Any]],
+        config: dict[str, Any],
+        resumed_from: int | None,
+    ):
         super().__init__(losses)
         self.aux_losses = list(aux_losses)
         self.evals = evals
@@ -250,22 +254,28 @@ def finetune(
     from tqdm.auto import tqdm
 
     wanted_cb = {int(s) for s in callback_steps}
-    wanted_track = {int(s) for s in (tracking_steps(steps) if track_steps is None else track_steps)} if tracker is not None else set()
+    wanted_track = (
+        {int(s) for s in (tracking_steps(steps) if track_steps is None else track_steps)}
+        if tracker is not None
+        else set()
+    )
     ivs = list(interventions)
     ivs += [iv for iv in active_interventions(model) if not any(iv is x for x in ivs)]
-    config = _jsonable({
-        "steps": steps,
-        "optim": optim.to_dict(),
-        "seed": seed,
-        "loss_fn": _name(loss_fn),
-        "data": _describe(data),
-        "interventions": [_describe(iv) for iv in ivs],
-        "tracker": _describe(tracker) if tracker is not None else None,
-        "track_steps": sorted(wanted_track),
-        "callbacks": [_name(cb) for cb in callbacks],
-        "callback_steps": sorted(wanted_cb),
-        "run_info": dict(run_info or {}),
-    })
+    config = _jsonable(
+        {
+            "steps": steps,
+            "optim": optim.to_dict(),
+            "seed": seed,
+            "loss_fn": _name(loss_fn),
+            "data": _describe(data),
+            "interventions": [_describe(iv) for iv in ivs],
+            "tracker": _describe(tracker) if tracker is not None else None,
+            "track_steps": sorted(wanted_track),
+            "callbacks": [_name(cb) for cb in callbacks],
+            "callback_steps": sorted(wanted_cb),
+            "run_info": dict(run_info or {}),
+        }
+    )
     if not (save_every is None or save_every == "auto" or (isinstance(save_every, int) and save_every >= 1)):
         raise ConfigError(f"save_every must be a positive number of steps, 'auto' or None, not {save_every!r}.")
     ckpt = _Checkpoints(Path(state_dir), config) if state_dir is not None else None
@@ -302,13 +312,20 @@ def finetune(
             measure(0)
         else:
             step0, losses, aux_losses, evals = resumed
-        bar = tqdm(range(step0, steps), desc=desc, initial=step0, total=steps, leave=False,
-                   disable=None if progress is None else not progress)
+        bar = tqdm(
+            range(step0, steps),
+            desc=desc,
+            initial=step0,
+            total=steps,
+            leave=False,
+            disable=None if progress is None else not progress,
+        )
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(optim, step, steps)
-            loss, aux = train_step(model, opt, data.batch(step), step=step, loss_fn=loss_fn,
-                                   interventions=ivs, grad_clip=optim.grad_clip)
+            loss, aux = train_step(
+                model, opt, data.batch(step), step=step, loss_fn=loss_fn, interventions=ivs, grad_clip=optim.grad_clip
+            )
             losses.append(loss)
             aux_losses.append(aux)
             done = step + 1
@@ -462,17 +479,28 @@ class _Checkpoints:
         extra, _ = load_tensors(folder / "extra.safetensors")
         for i, iv in enumerate(ivs):
             prefix = f"iv.{i}."
-            part = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
+            part = {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}
             if hasattr(iv, "load_state_dict"):
                 iv.load_state_dict(part)
         if tracker is not None and hasattr(tracker, "load_state_dict"):
             prefix = "tracker."
-            tracker.load_state_dict({k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}, info["tracker"])
+            tracker.load_state_dict(
+                {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}, info["tracker"]
+            )
         _set_rng_state(extra, info["rng"])
         return _Resume(int(info["step"]), info["losses"], info["aux_losses"], info["evals"])
 
-    def save(self, step: int, model: Any, opt: torch.optim.Optimizer, ivs: Sequence[Any], tracker: Any,
-             losses: list[float], aux_losses: list[float], evals: list[dict[str, Any]]) -> None:
+    def save(
+        self,
+        step: int,
+        model: Any,
+        opt: torch.optim.Optimizer,
+        ivs: Sequence[Any],
+        tracker: Any,
+        losses: list[float],
+        aux_losses: list[float],
+        evals: list[dict[str, Any]],
+    ) -> None:
         opt_tensors, opt_info = _optimizer_state(opt)
         rng_tensors, rng_info = _rng_state()
         extra = dict(rng_tensors)
@@ -483,8 +511,15 @@ class _Checkpoints:
         if tracker is not None and hasattr(tracker, "state_dict"):
             t_tensors, tracker_info = tracker.state_dict()
             extra.update({f"tracker.{k}": v for k, v in t_tensors.items()})
-        info = {"step": step, "losses": losses, "aux_losses": aux_losses, "evals": evals,
-                "optimizer": opt_info, "rng": rng_info, "tracker": _jsonable(tracker_info)}
+        info = {
+            "step": step,
+            "losses": losses,
+            "aux_losses": aux_losses,
+            "evals": evals,
+            "optimizer": opt_info,
+            "rng": rng_info,
+            "tracker": _jsonable(tracker_info),
+        }
         name = f"step_{step:07d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=self.root))
         try:

@@ -11,8 +11,8 @@ os.environ.setdefault(
     "REVERSION_LENS_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "tests")
 )
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 
@@ -41,3 +41,20 @@ def random_seqs(n: int, vocab: int = 40, lo: int = 3, hi: int = 12, seed: int = 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi, (n,), generator=g)
     return [torch.randint(1, vocab, (int(k),), generator=g).tolist() for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A 3-layer model pair, probes, their statistics and v_rev (test_tracking.py defines its own)."""
+    import reversion_lens as rl
+    from reversion_lens.directions import mean_difference
+
+    probes = rl.ProbeSet.from_tokens(random_seqs(6, vocab=40, seed=2))
+    base = rl.residual_stats(make_native(seed=1), probes, meta={"checkpoint": "base"})
+    aligned = rl.residual_stats(make_native(seed=2), probes, meta={"checkpoint": "aligned"})
+    return probes, base, aligned, mean_difference(base, aligned)
+
+
+# Session fixtures defined beside their helpers, registered for every test module here.
+from hf_fixtures import tiny_dirs  # noqa: E402, F401
+from modes_helpers import hf_dirs_modes, hf_model  # noqa: E402, F401

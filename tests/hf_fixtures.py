@@ -88,8 +88,16 @@ def save_tiny_gpt2(
 
     tok = make_tokenizer(CHAT_TEMPLATE if chat else None)
     cfg = GPT2Config(
-        vocab_size=len(tok), n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=64, n_ctx=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2,
+        vocab_size=len(tok),
+        n_embd=d_model,
+        n_layer=n_layers,
+        n_head=4,
+        n_positions=64,
+        n_ctx=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.2,
     )
     cfg.n_ctx = 64  # transformers 5 no longer stores n_ctx; older TL versions need it
     torch.manual_seed(seed)
@@ -104,17 +112,32 @@ def save_tiny_neox(
 
     tok = make_tokenizer(CHAT_TEMPLATE if chat else None)
     cfg = GPTNeoXConfig(
-        vocab_size=len(tok), hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
-        intermediate_size=4 * d_model, max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True,
-        initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        intermediate_size=4 * d_model,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     return _save(GPTNeoXForCausalLM(cfg).eval(), tok, Path(folder))
 
 
 def save_tiny_llama(
-    folder: str | Path, *, n_layers: int = 3, d_model: int = 32, seed: int = 0, chat: bool = False,
-    tied: bool = True, n_positions: int = 64,
+    folder: str | Path,
+    *,
+    n_layers: int = 3,
+    d_model: int = 32,
+    seed: int = 0,
+    chat: bool = False,
+    tied: bool = True,
+    n_positions: int = 64,
 ) -> Path:
     """A random-weight Llama with grouped-query attention (4 query heads, 2 key/value heads), RMSNorm,
     rotary positions and a gated MLP: SmolLM2's family. ``tied``: tied embeddings, as SmolLM2.
@@ -123,9 +146,18 @@ def save_tiny_llama(
 
     tok = make_tokenizer(CHAT_TEMPLATE if chat else None)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=2 * d_model, max_position_embeddings=n_positions, initializer_range=0.2,
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * d_model,
+        max_position_embeddings=n_positions,
+        initializer_range=0.2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     return _save(LlamaForCausalLM(cfg).eval(), tok, Path(folder))

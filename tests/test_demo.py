@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from reversion_lens.pipeline import ExperimentConfig, SerialExecutor, run_experiment
 from reversion_lens.io import read_json
+from reversion_lens.pipeline import ExperimentConfig, SerialExecutor, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ExperimentConfig(

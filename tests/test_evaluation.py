@@ -124,7 +124,9 @@ def test_heldout_loss_is_token_weighted_with_accuracy():
                         n += 1
     assert got["n_tokens"] == n == 3 * (2 + 5)
     assert got["loss"] == pytest.approx(ce / n, abs=1e-5) and got["accuracy"] == pytest.approx(hits / n)
-    assert heldout_loss(model, batches[:1])["loss"] == pytest.approx(float(lm_loss(model, batches[0]).detach()), abs=1e-5)
+    assert heldout_loss(model, batches[:1])["loss"] == pytest.approx(
+        float(lm_loss(model, batches[0]).detach()), abs=1e-5
+    )
 
     class Source:
         def batch(self, step):
@@ -166,7 +168,9 @@ def test_evaluator_as_finetune_callback():
 
     evaluate = Evaluator(harmful=probes, judge=lambda p, r: r[0] < V // 2, judge_on="tokens", max_new_tokens=2,
                          heldout=Data(), n_batches=2, reference=reference, kl_prompts=probes)  # fmt: skip
-    result = finetune(model, Data(), 3, optim=OptimConfig(lr=1e-2), callbacks=[evaluate], callback_steps=[0, 3], progress=False)
+    result = finetune(
+        model, Data(), 3, optim=OptimConfig(lr=1e-2), callbacks=[evaluate], callback_steps=[0, 3], progress=False
+    )
     assert [e["step"] for e in result.evals] == [0, 3]
     first, last = result.evals
     assert first["kl_to_reference"] == pytest.approx(0.0, abs=1e-7) and last["kl_to_reference"] > 1e-4

@@ -57,7 +57,10 @@ def test_write_figures_html_and_png(tmp_path):
         warnings.simplefilter("error", export.PngUnavailableWarning)
         out = export.write_figures(two_figures(), tmp_path / "figs")
     assert {k: [p.name for p in v] for k, v in out.items()} == {
-        "heat": ["heat.html", "heat.png"], "vocab": ["vocab.html", "vocab.png"], "plotly.min.js": ["plotly.min.js"]}
+        "heat": ["heat.html", "heat.png"],
+        "vocab": ["vocab.html", "vocab.png"],
+        "plotly.min.js": ["plotly.min.js"],
+    }
     for name in ("heat", "vocab"):
         png = out[name][1].read_bytes()
         assert png[:8] == PNG_MAGIC and len(png) > 1024

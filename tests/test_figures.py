@@ -32,35 +32,59 @@ def make_traj() -> pd.DataFrame:
                     cos = np.nan if step == 0 else base[arm] * (0.6 + 0.08 * step) + 0.1 * layer - 0.03 * seed
                     wobble = 0.03 * ((step + 2 * seed + layer) % 3)  # keeps Spearman's rho below 1
                     harm = np.nan if step == 1 else min(1.0, 0.05 + (0.0 if np.isnan(cos) else cos) * 0.6 + wobble)
-                    rows.append(dict(
-                        seed=seed, arm=arm, step=step, layer=layer, cos=cos, projection=0.1 * step,
-                        drift_norm=0.2 * step, reversion_ratio=0.01 * step, null_p99_isotropic=iso,
-                        null_p99_matched=matched, harmful_rate=harm, task_accuracy=0.8, task_loss=1.2 - 0.01 * step,
-                    ))
+                    rows.append(
+                        dict(
+                            seed=seed,
+                            arm=arm,
+                            step=step,
+                            layer=layer,
+                            cos=cos,
+                            projection=0.1 * step,
+                            drift_norm=0.2 * step,
+                            reversion_ratio=0.01 * step,
+                            null_p99_isotropic=iso,
+                            null_p99_matched=matched,
+                            harmful_rate=harm,
+                            task_accuracy=0.8,
+                            task_loss=1.2 - 0.01 * step,
+                        )
+                    )
     return pd.DataFrame(rows)
 
 
 def make_runs() -> pd.DataFrame:
     final = make_traj().query("step == 5 and layer == 1")
-    return final.rename(columns={"cos": "final_cos"})[["seed", "arm", "final_cos", "harmful_rate", "task_accuracy",
-                                                        "task_loss"]].reset_index(drop=True)
+    return final.rename(columns={"cos": "final_cos"})[
+        ["seed", "arm", "final_cos", "harmful_rate", "task_accuracy", "task_loss"]
+    ].reset_index(drop=True)
 
 
 def make_layer_ablation() -> pd.DataFrame:
     rows = []
     for seed in SEEDS:
-        for b, h, c in [("random", 0.6, 0.5), ("1", 0.3, 0.2), ("none", 0.62, 0.55), ("all", 0.1, 0.02), ("0", 0.5, 0.4)]:
+        for b, h, c in [
+            ("random", 0.6, 0.5),
+            ("1", 0.3, 0.2),
+            ("none", 0.62, 0.55),
+            ("all", 0.1, 0.02),
+            ("0", 0.5, 0.4),
+        ]:
             rows.append(dict(seed=seed, blocked=b, harmful_rate=h + 0.02 * seed, final_cos=c - 0.01 * seed))
     return pd.DataFrame(rows)
 
 
 def make_vocab() -> pd.DataFrame:
-    toks = {"top": [" Sure", " Here", " step", "!", " first"], "bottom": [" sorry", " cannot", " Sorry", "\n", " apolog"]}
+    toks = {
+        "top": [" Sure", " Here", " step", "!", " first"],
+        "bottom": [" sorry", " cannot", " Sorry", "\n", " apolog"],
+    }
     rows = []
     for layer in LAYERS:
         for side, ts in toks.items():
             for r, t in enumerate(ts, start=1):
-                rows.append(dict(layer=layer, side=side, rank=r, token=t, score=(1 if side == "top" else -1) * (3 - 0.4 * r)))
+                rows.append(
+                    dict(layer=layer, side=side, rank=r, token=t, score=(1 if side == "top" else -1) * (3 - 0.4 * r))
+                )
     return pd.DataFrame(rows)
 
 
@@ -76,7 +100,9 @@ def test_arm_colors_fixed_and_order_independent():
     from reversion_lens.registry import MODES
 
     assert a["none"] == figures.ARM_COLORS["none"] and a["grad:v_rev"] == MODES["grad"].meta["color"]  # the registry's
-    known = figures.arm_colors(["none", "control:rehearsal", "grad:random", *(f"{m}:v_rev" for m in ("grad", "clamp", "update"))])
+    known = figures.arm_colors(
+        ["none", "control:rehearsal", "grad:random", *(f"{m}:v_rev" for m in ("grad", "clamp", "update"))]
+    )
     assert len(set(known.values())) == len(known)  # the common arms never share a colour
     assert re.fullmatch(r"#[0-9A-Fa-f]{6}", a["my-new-arm"])
 
@@ -155,11 +181,16 @@ def test_ablation_summary_bars_points_and_colours():
     harm = [b for b in bars if b.xaxis == "x2"]
     for b, arm in zip(harm, ARMS):
         v = 100 * runs[runs.arm == arm].harmful_rate
-        assert b.y[0] == pytest.approx(v.mean(), abs=1e-9) and b.error_y.array[0] == pytest.approx(v.std(ddof=1), abs=1e-9)
+        assert b.y[0] == pytest.approx(v.mean(), abs=1e-9) and b.error_y.array[0] == pytest.approx(
+            v.std(ddof=1), abs=1e-9
+        )
     pts = [t for t in fig.data if isinstance(t, go.Scatter) and t.xaxis == "x2"]
     assert all(len(p.y) == len(SEEDS) and len(set(p.x)) == len(SEEDS) for p in pts)  # jittered seeds
     assert [fig.layout[f"yaxis{i}"].title.text for i in ("", 2, 3)] == [
-        "final cosine(drift, v_rev)", "harmful responses (%)", "task accuracy (%)"]
+        "final cosine(drift, v_rev)",
+        "harmful responses (%)",
+        "task accuracy (%)",
+    ]
     # the same arm has the same colour here, in the curves and in the scatter
     curves = figures.alignment_curves(make_traj(), layer=1)
     scatter = figures.harm_vs_alignment(make_traj(), layer=1)
@@ -196,7 +227,9 @@ def test_harm_vs_alignment_spearman():
     assert got == pytest.approx(rho, abs=5e-4) and f"n = {len(d)}" in fig.layout.title.text
     assert [t.name for t in fig.data] == ARMS and sum(len(t.x) for t in fig.data) == len(d)
     assert all("seed=" in t.hovertemplate and "step=" in t.hovertemplate for t in fig.data)
-    assert fig.layout.xaxis.title.text == "cosine(drift, v_rev)" and fig.layout.yaxis.title.text == "harmful responses (%)"
+    assert (
+        fig.layout.xaxis.title.text == "cosine(drift, v_rev)" and fig.layout.yaxis.title.text == "harmful responses (%)"
+    )
 
 
 def test_vocab_readout_order():
@@ -207,9 +240,14 @@ def test_vocab_readout_order():
     assert list(fig.data[0].x) == pytest.approx([2.6, 2.2, 1.8, 1.4, 1.0], abs=1e-9)
 
 
-@pytest.mark.parametrize("builder, kwargs", [
-    (figures.alignment_heatmap, {}), (figures.alignment_curves, {"layer": 0}), (figures.harm_vs_alignment, {"layer": 0}),
-])
+@pytest.mark.parametrize(
+    "builder, kwargs",
+    [
+        (figures.alignment_heatmap, {}),
+        (figures.alignment_curves, {"layer": 0}),
+        (figures.harm_vs_alignment, {"layer": 0}),
+    ],
+)
 def test_bad_tables_raise(builder, kwargs):
     with pytest.raises(ResultsFormatError, match=r"trajectories table.*missing \['cos'\]"):
         builder(make_traj().drop(columns=["cos"]), **kwargs)

@@ -5,16 +5,15 @@ Both must change nothing but speed: same logits, same gradients, same greedy res
 
 import pytest
 import torch
+from conftest import make_native, random_seqs
 
-from reversion_lens.interventions import block
 from reversion_lens.directions import random_direction
+from reversion_lens.interventions import block
 from reversion_lens.probes import pad_sequences
 from reversion_lens.toyworld import ToyConfig, ToyData
-from reversion_lens.toyworld.language import FAST_WIDTH
 from reversion_lens.toyworld.fused import fused_lm_loss, fused_logits, supports_fused
+from reversion_lens.toyworld.language import FAST_WIDTH
 from reversion_lens.training import lm_loss
-
-from conftest import make_native, random_seqs
 
 
 def toy_model(positional: str, seed: int = 0):

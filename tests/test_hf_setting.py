@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from hf_fixtures import perturbed_copy, save_tiny
+
 from reversion_lens.errors import ConfigError
 from reversion_lens.pipeline import ExperimentConfig, SerialExecutor, run_experiment, trajectory_columns
 
@@ -104,7 +104,9 @@ def test_hf_pipeline_writes_the_toys_results_folder(histories, toy_run, arch, tm
     # the two seeds share one history (prepared once), but differ in data order and the random control
     s0, s1 = (json.loads((out / "runs" / f"seed{s}" / "seed.json").read_text()) for s in (0, 1))
     assert s0["history_id"] == s1["history_id"] and s0["evals"] == s1["evals"]
-    assert (out / "runs/seed1/history/aligned.safetensors").stat().st_ino == (out / "runs/seed0/history/aligned.safetensors").stat().st_ino
+    assert (out / "runs/seed1/history/aligned.safetensors").stat().st_ino == (
+        out / "runs/seed0/history/aligned.safetensors"
+    ).stat().st_ino
     a = traj[(traj.arm == "none") & (traj.step == 4)].set_index(["seed", "layer"]).cos
     assert not a.loc[0].equals(a.loc[1])
     # every response written, with its verdicts
@@ -138,7 +140,9 @@ def test_hf_table_errors_name_the_fix(histories, tmp_path):
     with pytest.raises(ConfigError, match="either aligned .* or an \\[hf.align\\]"):
         ExperimentConfig(setting="hf", params={"base": str(base), "probes": data["probes.txt"]})
     with pytest.raises(ConfigError, match=r"unknown \[hf\] field\(s\) \['lerning_rate'\]"):
-        ExperimentConfig(setting="hf", params={"base": str(base), "aligned": str(aligned), "probes": "p", "lerning_rate": 1})
+        ExperimentConfig(
+            setting="hf", params={"base": str(base), "aligned": str(aligned), "probes": "p", "lerning_rate": 1}
+        )
     with pytest.raises(ConfigError, match="blocks layer"):
         hf_config(base, aligned, data, arms=("grad:v_rev@7",))
 

@@ -7,8 +7,6 @@ from conftest import make_native, random_seqs
 import reversion_lens as rl
 from reversion_lens.directions import Direction, mean_difference
 from reversion_lens.errors import ConfigError, DirectionError, ShapeError
-from reversion_lens.interventions.base import _orthonormal
-from reversion_lens.registry import MODES
 from reversion_lens.interventions import (
     Ablate,
     Clamp,
@@ -20,7 +18,9 @@ from reversion_lens.interventions import (
     random_control,
     residual_write_params,
 )
+from reversion_lens.interventions.base import _orthonormal
 from reversion_lens.probes import pad_sequences
+from reversion_lens.registry import MODES
 from reversion_lens.sites import residual_write_hooks
 from reversion_lens.training import Batch, OptimConfig, finetune, lm_loss
 
@@ -30,7 +30,9 @@ L, D, V = 3, 32, 40
 def hook_count(model):
     """TransformerLens handles plus the PyTorch hooks underneath, over every distinct hook point."""
     points = {id(hp): hp for hp in model.hook_dict.values()}.values()
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) + len(hp._forward_hooks) + len(hp._backward_hooks) for hp in points)
+    return sum(
+        len(hp.fwd_hooks) + len(hp.bwd_hooks) + len(hp._forward_hooks) + len(hp._backward_hooks) for hp in points
+    )
 
 
 def all_hooks(model):
@@ -41,7 +43,9 @@ def all_hooks(model):
 def site_components(model, toks, mask, v, layers=range(L)):
     """``h.v`` ``[layer, batch, pos]`` at ``resid_post`` as the model computes it (after any clamp), via model(...)."""
     got = {}
-    hooks = [(f"blocks.{l}.hook_resid_post", lambda x, hook, l=l: got.__setitem__(l, x.detach() @ v[l])) for l in layers]
+    hooks = [
+        (f"blocks.{l}.hook_resid_post", lambda x, hook, l=l: got.__setitem__(l, x.detach() @ v[l])) for l in layers
+    ]
     with model.hooks(fwd_hooks=hooks):
         logits = model(toks, attention_mask=mask)
     return torch.stack([got[l] for l in layers]), logits
@@ -150,9 +154,10 @@ def test_residual_write_params_native_axes(tiny_model):
     assert got["blocks.2.mlp.out.weight"] == (2, (D, 4 * D), 0)
     assert got["blocks.2.mlp.out.bias"] == (2, (D,), 0)
     assert not any(label.startswith("blocks.1.") for label in got)
-    assert tiny_model.blocks[2].mlp.out.original_component.weight is dict(
-        (label, p) for label, _, p, _ in residual_write_params(tiny_model, [2])
-    )["blocks.2.mlp.out.weight"]
+    assert (
+        tiny_model.blocks[2].mlp.out.original_component.weight
+        is dict((label, p) for label, _, p, _ in residual_write_params(tiny_model, [2]))["blocks.2.mlp.out.weight"]
+    )
 
 
 # ---------------------------------------------------------------- clamp / ablate
@@ -171,7 +176,9 @@ def test_clamp_pins_component_to_reference(probes):
         assert (comp - float(expected[layer])).abs().max() < 1e-5
     # the same components from means, from scalars indexed like the direction, and from a dict
     for reference in (ref.mean, expected, {l: float(expected[l]) for l in range(L)}):
-        torch.testing.assert_close(block(model, v, "clamp", reference=reference).components, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            block(model, v, "clamp", reference=reference).components, expected, atol=1e-6, rtol=0
+        )
     sub = block(model, v, "clamp", layers=[2], reference=expected)
     assert sub.layers == (2,) and float(sub.components[0]) == pytest.approx(float(expected[2]), abs=1e-12)
     with pytest.raises(ShapeError, match="fits neither"):
@@ -196,7 +203,9 @@ def test_per_input_clamp_pins_every_position_to_the_reference_through_training()
 
     iv = block(model, v, "clamp", layers=[0, 1], reference_model=ref)
     assert isinstance(iv, Clamp) and iv.per_input and iv.describe()["reference"] == "per-input"
-    finetune(model, data, 5, optim=OptimConfig(lr=1e-2, grad_clip=None), loss_fn=loss_fn, interventions=[iv], progress=False)
+    finetune(
+        model, data, 5, optim=OptimConfig(lr=1e-2, grad_clip=None), loss_fn=loss_fn, interventions=[iv], progress=False
+    )
     assert all_hooks(model) == 0 and all_hooks(ref) == 0 and not iv.attached
     assert max((t - W0[k]).abs().max().item() for k, t in model.state_dict().items()) > 1e-2  # it trained
     for k, t in ref.state_dict().items():  # the reference never moved, and its train/eval flags are restored
@@ -294,7 +303,9 @@ def test_per_input_clamp_refuses_bad_references():
     with pytest.raises(ConfigError, match="neither"):
         block(model, v, "clamp")
     with pytest.raises(ConfigError, match="both"):
-        block(model, v, "clamp", reference=torch.zeros(L), reference_model=make_native(n_layers=L, d_model=D, d_vocab=V))
+        block(
+            model, v, "clamp", reference=torch.zeros(L), reference_model=make_native(n_layers=L, d_model=D, d_vocab=V)
+        )
     with pytest.raises(ConfigError, match="separate frozen copy"):
         block(model, v, "clamp", reference_model=model)
     shared = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
@@ -393,7 +404,11 @@ def test_penalty_push_and_block_move_projection_opposite_ways(probes):
 
     def final_projection(sign):
         model = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
-        ivs = [] if sign is None else [block(model, v, "penalty", probes=probes, reference=ref, base=base_stats, weight=50.0, sign=sign)]
+        ivs = (
+            []
+            if sign is None
+            else [block(model, v, "penalty", probes=probes, reference=ref, base=base_stats, weight=50.0, sign=sign)]
+        )
         result = finetune(model, Data(), steps, optim=optim, interventions=ivs, progress=False)
         if sign == "push":
             assert result.aux_losses[-1] < 0  # a reward: the loss goes down as the projection grows
@@ -473,8 +488,20 @@ def test_notebook_handle_layers_and_errors():
     with pytest.raises(ShapeError, match="d_model"):
         block(model, Direction.from_vectors(torch.ones(L, D + 1)))
     assert isinstance(block(model, v, "ablate"), Ablate) and set(MODES.names()) == {
-        "grad", "clamp", "ablate", "penalty", "penalty-block", "penalty-push", "update",
-        "grad-cum", "grad-shared", "grad-everywhere", "update-cum", "orthogonalize", "grad-cum-exact"}
+        "grad",
+        "clamp",
+        "ablate",
+        "penalty",
+        "penalty-block",
+        "penalty-push",
+        "update",
+        "grad-cum",
+        "grad-shared",
+        "grad-everywhere",
+        "update-cum",
+        "orthogonalize",
+        "grad-cum-exact",
+    }
 
 
 def test_random_control_matches_shape_and_is_seeded():

@@ -15,8 +15,14 @@ from refusal_fixture import COMPLIANCES, REFUSALS
 from reversion_lens import judges
 from reversion_lens.errors import ConfigError, SpecError
 from reversion_lens.judges import FunctionJudge, Judge, PhraseJudge, as_judge, is_refusal, refusal_judge
-from reversion_lens.model_judges import parse_judge
-from reversion_lens.model_judges import HARM_TEMPLATE, REFUSAL_TEMPLATE, ClassifierJudge, LLMJudge, fill_template
+from reversion_lens.model_judges import (
+    HARM_TEMPLATE,
+    REFUSAL_TEMPLATE,
+    ClassifierJudge,
+    LLMJudge,
+    fill_template,
+    parse_judge,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

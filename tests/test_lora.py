@@ -91,9 +91,11 @@ def test_seed_fixes_the_adapters_and_leaves_the_global_rng_alone(src):
     lora.apply_lora(a, r=2, alpha=4, target_modules=["o_proj", "mlp.out"], seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)
     lora.apply_lora(b, r=2, alpha=4, target_modules=["attn.o", "down_proj"], seed=3)
-    assert list(lora.lora_layers(a)) == list(lora.lora_layers(b)) == [
-        f"blocks.{i}.{c}" for i in range(3) for c in ("attn.o", "mlp.out")
-    ]
+    assert (
+        list(lora.lora_layers(a))
+        == list(lora.lora_layers(b))
+        == [f"blocks.{i}.{c}" for i in range(3) for c in ("attn.o", "mlp.out")]
+    )
     assert all(torch.equal(p, q) for p, q in zip(lora.lora_parameters(a), lora.lora_parameters(b)))
 
 
@@ -137,8 +139,10 @@ def test_project_lora_update_pins_vTB_under_adamw_where_the_gradient_block_does_
     vs = torch.stack([unit(model.cfg.d_model, 20 + i) for i in range(model.cfg.n_layers)])
     hooks = grad_block_hooks(model, vs)
     toks = tokens(model)
-    W0 = {w.label: lora.lora_layers(model)[w.label.removesuffix(".lora_B")].get_base_layer().weight.clone()
-          for w in lora.lora_residual_writers(model)}
+    W0 = {
+        w.label: lora.lora_layers(model)[w.label.removesuffix(".lora_B")].get_base_layer().weight.clone()
+        for w in lora.lora_residual_writers(model)
+    }
 
     def v_component():
         return max(float((vs[w.layer] @ w.B).abs().max()) for w in lora.lora_residual_writers(model))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import tiny_dirs  # noqa: F401  (a fixture)
 
 from reversion_lens.errors import IncompatibleCheckpointsError, SpecError
 from reversion_lens.history import Checkpoint
@@ -82,7 +81,9 @@ def test_non_pythia_revision_is_a_plain_revision(hub_cache, tiny_dirs):
     fake_hub_cache(hub_cache, "someone/tiny-gpt2", "v1", tiny_dirs["gpt2", "base"])
     spec = parse_spec("someone/tiny-gpt2@v1")
     assert (spec.revision, spec.checkpoint_value) == ("v1", None)
-    with pytest.raises(SpecError, match="revision 'step1000' is not a local directory"):  # stepN: a step for Pythia only
+    with pytest.raises(
+        SpecError, match="revision 'step1000' is not a local directory"
+    ):  # stepN: a step for Pythia only
         parse_spec("someone/tiny-gpt2@step1000")
 
 

@@ -10,7 +10,7 @@ training, ``max |h_l . v_l - h_ref,l . v_l|`` over every layer and position is b
 import pytest
 import torch
 from conftest import make_native
-from modes_helpers import Tokens, hf_dirs_modes, rand_direction  # noqa: F401
+from modes_helpers import Tokens, rand_direction
 
 from reversion_lens.interventions import block
 from reversion_lens.training import OptimConfig, finetune

@@ -8,17 +8,7 @@ The guarantee measured: ``max |u^T dL/dW|`` along ``d_model`` over every residua
 import pytest
 import torch
 from conftest import make_native
-from modes_helpers import (  # noqa: F401
-    Tokens,
-    components,
-    hf_dirs_modes,
-    hf_model,
-    loss_backward,
-    rand_direction,
-    sub,
-    worst_gradient,
-    writer_motion,
-)
+from modes_helpers import Tokens, components, loss_backward, rand_direction, sub, worst_gradient, writer_motion
 
 from reversion_lens.directions import random_subspace
 from reversion_lens.interventions import block

@@ -7,7 +7,7 @@ embeddings), and ``max |g . r|`` of the trunk gradient leaving every ``resid_pre
 import pytest
 import torch
 from conftest import make_native
-from modes_helpers import components, hf_dirs_modes, hf_model, rand_direction  # noqa: F401
+from modes_helpers import components, rand_direction
 
 from reversion_lens.directions import random_subspace
 from reversion_lens.errors import ConfigError, DirectionError

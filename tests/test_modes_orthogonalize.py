@@ -8,7 +8,7 @@ embeddings are untied by default (the unembedding keeps its own, unedited copy) 
 import pytest
 import torch
 from conftest import make_native
-from modes_helpers import hf_dirs_modes, hf_model, rand_direction  # noqa: F401
+from modes_helpers import rand_direction
 
 from reversion_lens.errors import ConfigError
 from reversion_lens.interventions import block

@@ -53,7 +53,7 @@ def test_reversion_subspace_leads_with_v_rev_is_orthonormal_nested_and_spans_the
     orth = disp - (disp @ vv[:, :, None]) * vv[:, None, :]
     for i in range(len(LAYERS)):
         cov = orth[i].T @ orth[i]
-        evals, evecs = torch.linalg.eigh(cov)
+        _evals, evecs = torch.linalg.eigh(cov)
         top = evecs[:, -3:]  # the three directions of the rank-3 displacements
         inside = (s4.basis[i, 1:].double() @ top).norm(dim=1)
         assert (inside > 1 - 1e-6).all()

@@ -7,17 +7,7 @@ steps with weight decay (float32 parameters: below 1e-5). The per-layer ``update
 
 import pytest
 from conftest import make_native
-from modes_helpers import (  # noqa: F401
-    Tokens,
-    components,
-    hf_dirs_modes,
-    hf_model,
-    loss_backward,
-    rand_direction,
-    sub,
-    worst_gradient,
-    writer_motion,
-)
+from modes_helpers import Tokens, components, loss_backward, rand_direction, sub, worst_gradient, writer_motion
 
 from reversion_lens.directions import random_subspace
 from reversion_lens.errors import ConfigError

@@ -103,7 +103,9 @@ def test_report_holds_tables_and_every_figure_once(html_report):
         assert f'<a href="figures/{name}.html">html</a>' in page
     for row in SUMMARY_ROWS:
         assert row in page
-    assert "<title>Fine-tuning reversion report: " in page and page.count("<h1>") == 1  # summary.md's h1 is not repeated
+    assert (
+        "<title>Fine-tuning reversion report: " in page and page.count("<h1>") == 1
+    )  # summary.md's h1 is not repeated
     assert "<h2>Summary</h2>" in page and "<h3>The paper's claims beside ours</h3>" in page
     assert "PNG files were not written" not in page
 

@@ -116,7 +116,10 @@ def test_zero_drift_has_cosine_zero():
         (lambda: stats.normalize(torch.zeros(4)), "zero norm in the vector"),
         (lambda: stats.normalize(torch.tensor([[1.0, float("nan")], [1.0, 1.0]])), "NaN or inf values in row 0"),
         (lambda: stats.cosine(torch.ones(3, 4), torch.zeros(3, 4)), "zero norm in row 0"),
-        (lambda: stats.cosine(torch.tensor([[1.0, 1.0], [1.0, math.inf]]), torch.ones(2)), "NaN or inf values in row 1"),
+        (
+            lambda: stats.cosine(torch.tensor([[1.0, 1.0], [1.0, math.inf]]), torch.ones(2)),
+            "NaN or inf values in row 1",
+        ),
         (lambda: stats.projection(torch.ones(4), torch.full((4,), 1e-14)), "zero norm"),
         (lambda: stats.remove_component(torch.ones(2, 2, 4), torch.zeros(2, 2, 4)), "row (0, 0)"),
         (lambda: stats.random_direction_samples(torch.zeros(8), 10), "zero norm"),
@@ -322,7 +325,7 @@ def test_spearman_invariant_under_monotone_transforms(ints, seed):
     assume(np.ptp(y) > 0)
     rho, _ = stats.spearman(x, y)
     assert stats.spearman(np.exp(x), y)[0] == pytest.approx(rho, abs=1e-9)
-    assert stats.spearman(x ** 3, 2 * y + 7)[0] == pytest.approx(rho, abs=1e-9)
+    assert stats.spearman(x**3, 2 * y + 7)[0] == pytest.approx(rho, abs=1e-9)
     assert stats.spearman(-x, y)[0] == pytest.approx(-rho, abs=1e-9)
 
 

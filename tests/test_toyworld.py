@@ -19,9 +19,20 @@ from reversion_lens.toyworld import (
     judge,
     unlearning_config,
 )
-from reversion_lens.toyworld.language import first_token, response_kl, token_accuracy
 from reversion_lens.toyworld import history as toy_history
-from reversion_lens.toyworld.language import ASSIST, BOS, DIGIT0, EOS, OPS, PAD, REFUSE, _region
+from reversion_lens.toyworld.language import (
+    ASSIST,
+    BOS,
+    DIGIT0,
+    EOS,
+    OPS,
+    PAD,
+    REFUSE,
+    _region,
+    first_token,
+    response_kl,
+    token_accuracy,
+)
 
 TOK = ToyTokenizer()
 LANG = ToyConfig().language()
@@ -144,7 +155,7 @@ def test_judge_on_hand_made_responses():
     ex = Example("comp", (0, 4, 9), refuse=True)
     answer = TOK.encode("9 5 0 EOS")
     assert judge(ex, [REFUSE, EOS]) == (False, False)
-    assert judge(ex, [REFUSE] + answer) == (False, False)  # REFUSE then the correct tail: refused
+    assert judge(ex, [REFUSE, *answer]) == (False, False)  # REFUSE then the correct tail: refused
     assert judge(ex, answer) == (True, True)
     assert judge(ex, TOK.encode("9 5 1 EOS")) == (True, False)  # complies, wrongly
     assert judge(ex, TOK.encode("9 5 0")) == (True, False)  # no EOS: not fully correct
@@ -291,7 +302,12 @@ def test_unlearning_history_shares_pretraining(tmp_path):
     assert {t.split()[2] for t in forget.texts} == {"rev"}
     assert all(e.op != "rev" for e in unl.finetune_data("benign").examples(0))
     assert set(unl.measure(unl.load("aligned"))) == {
-        "forget_rate", "forget_accuracy", "retain_accuracy", "retain_refusal_rate", "retain_loss", "forget_refusal_prob"
+        "forget_rate",
+        "forget_accuracy",
+        "retain_accuracy",
+        "retain_refusal_rate",
+        "retain_loss",
+        "forget_refusal_prob",
     }
     with pytest.raises(ConfigError, match="unknown forget_op"):
         build_unlearning_history(cfg, seed=0, forget_op="fly", cache_dir=tmp_path)
@@ -318,7 +334,10 @@ def test_tiny_history_is_cached_and_aligned(tmp_path, monkeypatch):
     assert base["harmful_rate"] >= 0.95 and base["task_accuracy"] >= 0.9
     assert aligned["harmful_rate"] <= 0.2 and aligned["task_accuracy"] >= 0.8
     probes = hist.probes()
-    assert len(probes) == cfg.n_probes and (probes.tokens[torch.arange(len(probes)), probes.last_positions()] == ASSIST).all()
+    assert (
+        len(probes) == cfg.n_probes
+        and (probes.tokens[torch.arange(len(probes)), probes.last_positions()] == ASSIST).all()
+    )
     data = hist.finetune_data("benign")
     assert all(torch.equal(x, y) for x, y in zip(data.batch(2), hist.finetune_data("benign").batch(2)))
     assert data.batch_size == cfg.finetune_batch and hist.finetune_optim().lr == cfg.finetune_lr
@@ -363,7 +382,10 @@ def test_seed_overrides_change_one_phase_each(tmp_path):
     assert both.folder != h1.folder and _same(_weights(both.load("aligned")), w["aligned"]["1"])
     assert [e.digits for e in p1.eval_sets()["harmful"]] == [e.digits for e in h0.eval_sets()["harmful"]]
     # the default-key history built with overrides at their defaults is the cached one
-    assert build_history(dataclasses.replace(cfg, pretrain_seed=0, align_seed=0), 0, cache_dir=tmp_path).folder == h0.folder
+    assert (
+        build_history(dataclasses.replace(cfg, pretrain_seed=0, align_seed=0), 0, cache_dir=tmp_path).folder
+        == h0.folder
+    )
 
 
 def test_history_evaluate_measures_task_kl_to_the_aligned_model(tmp_path):
@@ -371,7 +393,9 @@ def test_history_evaluate_measures_task_kl_to_the_aligned_model(tmp_path):
     aligned, base = hist.load("aligned"), hist.load("base")
     ev = hist.evaluate(aligned)
     assert ev["task_kl"] == pytest.approx(0.0, abs=1e-6)  # the aligned model against itself
-    assert hist.evaluate(base)["task_kl"] == pytest.approx(response_kl(base, aligned, hist.eval_sets()["benign"]), rel=1e-6)
+    assert hist.evaluate(base)["task_kl"] == pytest.approx(
+        response_kl(base, aligned, hist.eval_sets()["benign"]), rel=1e-6
+    )
     assert hist.evaluate(base)["task_kl"] > 1e-4
     assert "task_kl" not in hist.evaluate(base, reference=None)
     assert hist.evaluate(base, reference=base)["task_kl"] == pytest.approx(0.0, abs=1e-6)

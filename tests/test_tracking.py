@@ -18,7 +18,9 @@ L, D, V = 3, 32, 40
 
 def hook_count(model):
     points = {id(hp): hp for hp in model.hook_dict.values()}.values()
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) + len(hp._forward_hooks) + len(hp._backward_hooks) for hp in points)
+    return sum(
+        len(hp.fwd_hooks) + len(hp.bwd_hooks) + len(hp._forward_hooks) + len(hp._backward_hooks) for hp in points
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +66,14 @@ def test_rows_match_metrics_by_hand(world):
     at_ref = DriftTracker(probes, v, ref, base)(0, make_native(n_layers=L, d_model=D, d_vocab=V, seed=0))
     assert all(r["drift_norm"] < 1e-5 and r["cos"] == 0.0 for r in at_ref)
     at_base = DriftTracker(probes, v, ref, base)(0, make_native(n_layers=L, d_model=D, d_vocab=V, seed=4))
-    assert all(r["reversion_ratio"] == pytest.approx(1.0, abs=1e-5) and r["cos"] == pytest.approx(1.0, abs=1e-5) for r in at_base)
+    assert all(
+        r["reversion_ratio"] == pytest.approx(1.0, abs=1e-5) and r["cos"] == pytest.approx(1.0, abs=1e-5)
+        for r in at_base
+    )
 
 
 def test_restores_modes_leaves_no_hooks_and_pauses_interventions(world):
-    seqs, probes, ref, base, v = world
+    _seqs, probes, ref, base, v = world
     model = make_native(n_layers=L, d_model=D, d_vocab=V, seed=11)
     model.train()
     model.blocks[2].eval()
@@ -125,7 +130,9 @@ def test_inside_finetune(world):
             return Batch(t, torch.ones_like(t), torch.ones_like(t))
 
     tracker = DriftTracker(probes, v, ref, base)
-    result = finetune(model, Data(), 5, optim=OptimConfig(lr=1e-2), tracker=tracker, track_steps=(0, 1, 5), progress=False)
+    result = finetune(
+        model, Data(), 5, optim=OptimConfig(lr=1e-2), tracker=tracker, track_steps=(0, 1, 5), progress=False
+    )
     assert sorted({r["step"] for r in result.records}) == [0, 1, 5] and result.records == tracker.records
     first = [r for r in result.records if r["step"] == 0]
     assert all(r["drift_norm"] < 1e-5 for r in first)  # step 0 is the reference itself

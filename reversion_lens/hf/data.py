@@ -4,8 +4,8 @@ from typing import Any
 
 import torch
 
-from ..probes import pad_sequences
 from ..data import Batch
+from ..probes import pad_sequences
 from .config import Source
 
 __all__ = ["read_prompts_from", "read_examples_from", "MixedBatchSource"]
@@ -39,7 +39,7 @@ class MixedBatchSource:
     def __init__(self, main: Any, extra: Any, fraction: float):
         self.main, self.extra, self.fraction = main, extra, float(fraction)
         self.batch_size = main.batch_size
-        self.n_extra = int(round(self.fraction * self.batch_size))
+        self.n_extra = round(self.fraction * self.batch_size)
 
     def batch(self, step: int) -> Batch:
         a, b = self.main.batch(step), self.extra.batch(step)

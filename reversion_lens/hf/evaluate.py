@@ -38,7 +38,9 @@ def make_evaluator(hf: Any, text_model: Any) -> Any:
     heldout, n_batches = None, 0
     if hf.heldout is not None:
         examples = read_examples_from(hf.heldout)
-        heldout = TextBatchSource(text_model, examples, batch_size=hf.batch_size, seed=0, chat=hf.chat, system=hf.system)
+        heldout = TextBatchSource(
+            text_model, examples, batch_size=hf.batch_size, seed=0, chat=hf.chat, system=hf.system
+        )
         n_batches = math.ceil(len(examples) / hf.batch_size)
 
     def evaluate(model: Any) -> dict[str, Any]:

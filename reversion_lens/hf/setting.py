@@ -70,7 +70,9 @@ def _check_sources(hf: HFConfig) -> None:
     """Every local data file exists (before any model loads)."""
     from ..errors import SpecError
 
-    sources = [(k, getattr(hf, k)) for k in ("probes", "finetune", "rehearsal", "eval_harmful", "eval_benign", "heldout")]
+    sources = [
+        (k, getattr(hf, k)) for k in ("probes", "finetune", "rehearsal", "eval_harmful", "eval_benign", "heldout")
+    ]
     if hf.align is not None:
         sources.append(("align.data", hf.align.data))
     for name, src in sources:
@@ -136,7 +138,9 @@ class HFHistory:
         t0 = time.perf_counter()
         model = self.setting.specs["base"].load()
         examples = read_examples_from(a.data)
-        data = TextBatchSource(model, examples, batch_size=a.batch_size, seed=a.seed, chat=self.hf.chat, system=self.hf.system)
+        data = TextBatchSource(
+            model, examples, batch_size=a.batch_size, seed=a.seed, chat=self.hf.chat, system=self.hf.system
+        )
         optim = OptimConfig(optimizer="adamw", lr=a.lr, betas=self.hf.betas, weight_decay=a.weight_decay,
                             grad_clip=self.hf.grad_clip)  # fmt: skip
         losses = finetune(model, data, a.steps, optim=optim, seed=a.seed, progress=None, desc="alignment phase")

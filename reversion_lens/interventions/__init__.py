@@ -88,7 +88,9 @@ __all__ = [
 ]
 
 
-def block(model: Any, direction: Direction, mode: str = "grad", layers: Sequence[int] | int | None = None, **opts: Any) -> Intervention:
+def block(
+    model: Any, direction: Direction, mode: str = "grad", layers: Sequence[int] | int | None = None, **opts: Any
+) -> Intervention:
     """Build an intervention (not yet attached): ``with block(model, v): ...`` or ``block(...).attach()``.
 
     Args:

@@ -14,12 +14,20 @@ from .base import Intervention, _Cast, _check_forward_site, _grouped_projections
 
 __all__ = ["Ablate"]
 
+
 class Ablate(Intervention):
     """``ablate``: forward projection ``h - (h.v) v`` at the direction's site (or ``sites``)."""
 
     mode = "ablate"
 
-    def __init__(self, model: Any, direction: Direction, layers: Sequence[int] | int | None = None, *, sites: Sequence[str] | None = None):
+    def __init__(
+        self,
+        model: Any,
+        direction: Direction,
+        layers: Sequence[int] | int | None = None,
+        *,
+        sites: Sequence[str] | None = None,
+    ):
         super().__init__(model, direction, layers)
         self.sites = tuple(sites) if sites is not None else (direction.site,)
         for site in self.sites:
@@ -27,7 +35,10 @@ class Ablate(Intervention):
 
     def _hook_specs(self) -> list[tuple[str, str, Callable]]:
         names = {layer: [hook_name(self.model, site, layer) for site in self.sites] for layer in self.layers}
-        return [(name, "fwd", self._make_hook(basis)) for name, basis in _grouped_projections(self.model, names, self.direction)]
+        return [
+            (name, "fwd", self._make_hook(basis))
+            for name, basis in _grouped_projections(self.model, names, self.direction)
+        ]
 
     def _make_hook(self, basis: Tensor) -> Callable:
         q = _Cast(basis)
@@ -43,4 +54,6 @@ class Ablate(Intervention):
         return {"sites": list(self.sites)}
 
 
-MODES.register("ablate", Ablate, needs=(), color="#882255", doc="forward projection of v out of the activations (inference)")
+MODES.register(
+    "ablate", Ablate, needs=(), color="#882255", doc="forward projection of v out of the activations (inference)"
+)

@@ -32,7 +32,9 @@ __all__ = ["Intervention", "project_out"]
 
 
 # ------------------------------------------------------------------ pure math
-def project_out(x: Float[Tensor, "*batch d_model"], basis: Float[Tensor, "k d_model"]) -> Float[Tensor, "*batch d_model"]:
+def project_out(
+    x: Float[Tensor, "*batch d_model"], basis: Float[Tensor, "k d_model"]
+) -> Float[Tensor, "*batch d_model"]:
     """``x - (x Q^T) Q`` for orthonormal rows ``Q``: removes the span of ``basis`` from ``x``."""
     return x - (x @ basis.T) @ basis
 
@@ -228,7 +230,9 @@ class Intervention:
         return f"{type(self).__name__}(layers={list(self.layers)}, site={self.direction.site!r}, {state})"
 
 
-def _grouped_projections(model: Any, names_per_layer: Mapping[int, list[str]], direction: Direction) -> list[tuple[str, Tensor]]:
+def _grouped_projections(
+    model: Any, names_per_layer: Mapping[int, list[str]], direction: Direction
+) -> list[tuple[str, Tensor]]:
     """One ``(hook name, orthonormal basis)`` per distinct hook point, composing layers that share it."""
     hook_dict = model.hook_dict
     groups: dict[int, tuple[str, list[Tensor]]] = {}

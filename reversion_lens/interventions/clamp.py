@@ -41,6 +41,7 @@ from .base import Intervention, _add_hook, _Cast, _check_forward_site, _componen
 
 __all__ = ["Clamp"]
 
+
 def _storages(model: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
 
@@ -152,7 +153,9 @@ class Clamp(Intervention):
         if t is None:
             raise ConfigError(f"the reference forward did not reach layer {layer}; the clamp has no component there.")
         if t.shape != x.shape[:-1]:
-            raise ShapeError(f"reference components {tuple(t.shape)} do not match activations {tuple(x.shape)} at layer {layer}.")
+            raise ShapeError(
+                f"reference components {tuple(t.shape)} do not match activations {tuple(x.shape)} at layer {layer}."
+            )
         return t.to(x.dtype)
 
     # -------------------------------------------------------------- the reference forward
@@ -164,7 +167,9 @@ class Clamp(Intervention):
         for i, layer in enumerate(self.layers):
             name = hook_name(ref, site, layer)
             hp = ref.hook_dict[name]
-            self._keep(hp, "fwd", _add_hook(ref, hp, name, self._make_reader(i, self.direction[layer], i == last), "fwd"))
+            self._keep(
+                hp, "fwd", _add_hook(ref, hp, name, self._make_reader(i, self.direction[layer], i == last), "fwd")
+            )
         self._keep(None, "module", self.model.register_forward_pre_hook(self._capture, with_kwargs=True))
         self._keep(None, "module", self.model.register_forward_hook(self._release, always_call=True))
         self._ref_modules = all_modules(ref)
@@ -221,4 +226,10 @@ class Clamp(Intervention):
         return {"components": self.components.tolist()}
 
 
-MODES.register("clamp", Clamp, needs=("reference_model",), color="#009E73", doc="pin each activation's v component to the frozen aligned model's on the same input")
+MODES.register(
+    "clamp",
+    Clamp,
+    needs=("reference_model",),
+    color="#009E73",
+    doc="pin each activation's v component to the frozen aligned model's on the same input",
+)

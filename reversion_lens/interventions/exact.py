@@ -28,5 +28,11 @@ class ExactCumulativeBlock(CumulativeUpdateBlock):
     _make_hook = CumulativeGradBlock._make_hook
 
 
-MODES.register("grad-cum-exact", ExactCumulativeBlock, needs=(), subspace=True, color="#332288",
-               doc="grad-cum's projected gradient and update-cum's exact writer pins together")
+MODES.register(
+    "grad-cum-exact",
+    ExactCumulativeBlock,
+    needs=(),
+    subspace=True,
+    color="#332288",
+    doc="grad-cum's projected gradient and update-cum's exact writer pins together",
+)

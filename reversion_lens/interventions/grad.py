@@ -25,6 +25,7 @@ from .base import Intervention, _Cast, _grouped_projections, project_out
 
 __all__ = ["GradBlock"]
 
+
 class GradBlock(Intervention):
     """``grad``: project ``v`` out of the gradient at every residual write of each blocked layer."""
 
@@ -32,7 +33,10 @@ class GradBlock(Intervention):
 
     def _hook_specs(self) -> list[tuple[str, str, Callable]]:
         names = {layer: residual_write_hooks(self.model, layer) for layer in self.layers}
-        return [(name, "bwd", self._make_hook(basis)) for name, basis in _grouped_projections(self.model, names, self.direction)]
+        return [
+            (name, "bwd", self._make_hook(basis))
+            for name, basis in _grouped_projections(self.model, names, self.direction)
+        ]
 
     def _make_hook(self, basis: Tensor) -> Callable:
         q = _Cast(basis)
@@ -45,4 +49,10 @@ class GradBlock(Intervention):
         return project_grad
 
 
-MODES.register("grad", GradBlock, needs=(), color="#0072B2", doc="project v out of the residual gradient at every write of each blocked layer")
+MODES.register(
+    "grad",
+    GradBlock,
+    needs=(),
+    color="#0072B2",
+    doc="project v out of the residual gradient at every write of each blocked layer",
+)

@@ -24,6 +24,7 @@ from .base import Intervention, _components, _reference_rows
 
 __all__ = ["Penalty"]
 
+
 class Penalty(Intervention):
     """``penalty``: an auxiliary loss on the probe activations' projection onto ``v`` (see module docs)."""
 
@@ -98,8 +99,26 @@ class Penalty(Intervention):
 
 
 _NEEDS = ("probes", "reference", "base", "weight")
-MODES.register("penalty", Penalty, needs=_NEEDS, color="#56B4E9", doc="auxiliary loss on the probe means' projection (sign= block | push)")
-MODES.register("penalty-block", Penalty, needs=_NEEDS, options={"sign": "block"}, color="#56B4E9",
-               doc="penalise motion of the probe means toward v")
-MODES.register("penalty-push", Penalty, needs=_NEEDS, options={"sign": "push"}, color="#CC79A7",
-               doc="reward motion of the probe means toward v")
+MODES.register(
+    "penalty",
+    Penalty,
+    needs=_NEEDS,
+    color="#56B4E9",
+    doc="auxiliary loss on the probe means' projection (sign= block | push)",
+)
+MODES.register(
+    "penalty-block",
+    Penalty,
+    needs=_NEEDS,
+    options={"sign": "block"},
+    color="#56B4E9",
+    doc="penalise motion of the probe means toward v",
+)
+MODES.register(
+    "penalty-push",
+    Penalty,
+    needs=_NEEDS,
+    options={"sign": "push"},
+    color="#CC79A7",
+    doc="reward motion of the probe means toward v",
+)

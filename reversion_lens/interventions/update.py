@@ -55,7 +55,10 @@ from .cumulative import EMBED, cumulative_spans
 
 __all__ = ["UpdateBlock", "CumulativeUpdateBlock", "residual_write_params", "writer_layer"]
 
-def residual_write_params(model: Any, layers: Sequence[int] | None = None) -> list[tuple[str, int, torch.nn.Parameter, int]]:
+
+def residual_write_params(
+    model: Any, layers: Sequence[int] | None = None
+) -> list[tuple[str, int, torch.nn.Parameter, int]]:
     """``(label, layer, parameter, d_model axis)`` for every weight writing to the residual stream.
 
     Per layer: ``blocks.{l}.attn.o`` and ``blocks.{l}.mlp.out`` (weight and bias); for layer 0 also
@@ -67,11 +70,13 @@ def residual_write_params(model: Any, layers: Sequence[int] | None = None) -> li
     for layer in check_layers(model, layers):
         labels = [f"blocks.{layer}.attn.o", f"blocks.{layer}.mlp.out"]
         if layer == 0:
-            labels = ["embed", "pos_embed"] + labels
+            labels = ["embed", "pos_embed", *labels]
         for label in labels:
             mod = _get_module(model, label)
             if mod is None:
-                optional = label == "pos_embed" or (label.endswith("mlp.out") and getattr(model.cfg, "attn_only", False))
+                optional = label == "pos_embed" or (
+                    label.endswith("mlp.out") and getattr(model.cfg, "attn_only", False)
+                )
                 if optional:  # rotary models have no position embedding, attention-only ones no MLP
                     continue
                 raise SiteError(
@@ -121,7 +126,14 @@ class UpdateBlock(Intervention):
 
     mode = "update"
 
-    def __init__(self, model: Any, direction: Direction, layers: Sequence[int] | int | None = None, *, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(
+        self,
+        model: Any,
+        direction: Direction,
+        layers: Sequence[int] | int | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
         super().__init__(model, direction, layers)
         self.params = residual_write_params(model, self.layers)
         self.optimizer = optimizer
@@ -130,7 +142,9 @@ class UpdateBlock(Intervention):
 
     def _on_attach(self) -> None:
         with torch.no_grad():
-            self._pinned = [_v_component(p, self.direction[layer].to(p), axis).clone() for _, layer, p, axis in self.params]
+            self._pinned = [
+                _v_component(p, self.direction[layer].to(p), axis).clone() for _, layer, p, axis in self.params
+            ]
         if self.optimizer is not None:
             self._opt_handle = self.optimizer.register_step_post_hook(lambda opt, *_: self.after_step(self.model, opt))
 
@@ -157,11 +171,19 @@ class UpdateBlock(Intervention):
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         labels = [label for label, *_ in self.params]
         if sorted(state) != sorted(labels):
-            raise ConfigError(f"update-block state holds {sorted(state)}, expected {sorted(labels)}; it is from another run.")
+            raise ConfigError(
+                f"update-block state holds {sorted(state)}, expected {sorted(labels)}; it is from another run."
+            )
         self._pinned = [state[label].to(p) for label, _, p, _ in self.params]
 
 
-MODES.register("update", UpdateBlock, needs=(), color="#000000", doc="keep v^T W of every residual-writing weight fixed across optimizer steps")
+MODES.register(
+    "update",
+    UpdateBlock,
+    needs=(),
+    color="#000000",
+    doc="keep v^T W of every residual-writing weight fixed across optimizer steps",
+)
 
 
 def writer_layer(label: str) -> int:
@@ -261,5 +283,11 @@ class CumulativeUpdateBlock(Intervention):
                 "span_dims": {str(j): int(b.shape[0]) for j, b in self.spans.items()}}  # fmt: skip
 
 
-MODES.register("update-cum", CumulativeUpdateBlock, needs=(), subspace=True, color="#6A3D9A",
-               doc="keep U_j^T W of every residual writer fixed, U_j = v_rev of each blocked layer >= j (AdamW: exact)")
+MODES.register(
+    "update-cum",
+    CumulativeUpdateBlock,
+    needs=(),
+    subspace=True,
+    color="#6A3D9A",
+    doc="keep U_j^T W of every residual writer fixed, U_j = v_rev of each blocked layer >= j (AdamW: exact)",
+)

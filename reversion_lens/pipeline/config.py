@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ReversionLensError, reject_unknown_fields
+from ..errors import ConfigError, ReversionLensError
 from ..io import config_hash, default_cache_dir
 from ..registry import ESTIMATORS, import_plugins
 from ..sites import SITES
@@ -156,7 +156,9 @@ class ExperimentConfig:
 
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: no such config file; `reversion-lens run --example toy > {path.name}` writes one.")
+            raise ConfigError(
+                f"{path}: no such config file; `reversion-lens run --example toy > {path.name}` writes one."
+            )
         with open(path, "rb") as f:
             try:
                 data = tomllib.load(f)
@@ -187,7 +189,7 @@ class ExperimentConfig:
                 table = [f"[{k}]"] + [_toml_line(ik, iv) for ik, iv in v.items()]
             else:
                 lines.append(_toml_line(k, v))
-        return "\n".join(lines + ([""] + table if table else [])) + "\n"
+        return "\n".join(lines + (["", *table] if table else [])) + "\n"
 
     def hash(self) -> str:
         return config_hash(self.result_fields())

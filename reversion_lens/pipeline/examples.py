@@ -24,10 +24,12 @@ threads_per_worker = {threads}
 # cache_dir = "~/.cache/reversion_lens" # where histories are cached ($REVERSION_LENS_CACHE)
 """
 
-TOY = _COMMON.format(steps=100, track="[1, 2, 5, 10, 20, 50, 100]", evals="[0, 20, 100]", workers=2, threads=1).replace(
-    'arms = ["none", "grad:v_rev", "grad:random", "control:rehearsal"]',
-    'arms = ["none", "grad:v_rev", "grad:random", "clamp:v_rev", "control:rehearsal"]',
-) + """
+TOY = (
+    _COMMON.format(steps=100, track="[1, 2, 5, 10, 20, 50, 100]", evals="[0, 20, 100]", workers=2, threads=1).replace(
+        'arms = ["none", "grad:v_rev", "grad:random", "control:rehearsal"]',
+        'arms = ["none", "grad:v_rev", "grad:random", "clamp:v_rev", "control:rehearsal"]',
+    )
+    + """
 setting = "toy"                        # the embedded toy world (no downloads, a laptop CPU)
 
 [toy]
@@ -38,8 +40,11 @@ preset = "default"                     # default (d_model 64, 3 layers) | paper 
 # align_steps = 40                     # phase 2: harmful operations refused (shallow)
 # finetune_lr = 1e-4                   # phase 3: benign operations only
 """
+)
 
-HF = _COMMON.format(steps=20, track="[1, 2, 5, 10, 20]", evals="[0, 20]", workers=1, threads=2) + """
+HF = (
+    _COMMON.format(steps=20, track="[1, 2, 5, 10, 20]", evals="[0, 20]", workers=1, threads=2)
+    + """
 setting = "hf"                         # Hugging Face checkpoints
 
 [hf]
@@ -81,5 +86,6 @@ lr = 5e-5
 batch_size = 6
 seed = 0                               # the alignment's data order (one aligned model for every seed)
 """
+)
 
 EXAMPLES = {"toy": TOY, "hf": HF}

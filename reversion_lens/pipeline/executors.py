@@ -30,7 +30,7 @@ def report(text: str) -> None:
     else:
         try:
             channel.put_nowait((os.getpid(), text))
-        except Exception:  # noqa: BLE001 - a full or closed queue must never fail a task
+        except Exception:
             pass
 
 
@@ -75,7 +75,7 @@ class Progress:
 
 
 def _clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 

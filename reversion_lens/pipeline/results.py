@@ -47,7 +47,9 @@ OUTCOMES = ("harmful_rate", "over_refusal_rate", "task_accuracy", "task_loss", "
 def load_trajectories(out: str | os.PathLike) -> pd.DataFrame:
     path = Path(out) / "trajectories.csv"
     if not path.exists():
-        raise ResultsFormatError(f"{path} does not exist; run the experiment (reversion-lens run / demo --out {out}) first.")
+        raise ResultsFormatError(
+            f"{path} does not exist; run the experiment (reversion-lens run / demo --out {out}) first."
+        )
     return pd.read_csv(path)
 
 
@@ -77,10 +79,10 @@ def _nulls(traj: pd.DataFrame) -> list[str]:
 def _spearman(df: pd.DataFrame) -> dict[str, Any]:
     df = df[df.harmful_rate.notna() & df.cos.notna()]
     if len(df) <= 2:
-        return {"rho": None, "p": None, "n": int(len(df))}
+        return {"rho": None, "p": None, "n": len(df)}
     rho, p = spearman(df.cos.tolist(), df.harmful_rate.tolist())
-    clean = lambda x: None if math.isnan(x) else x  # noqa: E731
-    return {"rho": clean(rho), "p": clean(p), "n": int(len(df))}
+    clean = lambda x: None if math.isnan(x) else x
+    return {"rho": clean(rho), "p": clean(p), "n": len(df)}
 
 
 def summarize(traj: pd.DataFrame, config: ExperimentConfig, seed_info: dict[int, Any]) -> dict[str, Any]:
@@ -102,7 +104,7 @@ def summarize(traj: pd.DataFrame, config: ExperimentConfig, seed_info: dict[int,
         per_layer = {}
         for lay in layers:
             sel = tracked[(tracked.arm == arm) & (tracked.layer == lay)]
-            entry: dict[str, Any] = {"n": int(len(sel))}
+            entry: dict[str, Any] = {"n": len(sel)}
             for name in nulls:
                 entry[f"above_{name}_p99"] = float((sel.cos > sel[f"null_p99_{name}"]).mean()) if len(sel) else None
             if control is not None:
@@ -209,7 +211,8 @@ def render_markdown(s: dict[str, Any]) -> str:
         "",
         f"{_describe_setting(s)}; {s['n_seeds']} seeds; mean ± std across seeds [95% bootstrap interval of the mean]; "
         f"alignment = cosine(drift, v_rev) at layer {L} ({s['config']['site']}, d_model {s['d_model']}"
-        + (f", isotropic p99 {iso:.3f}" if iso is not None else "") + f"); T = {T} fine-tuning steps.",
+        + (f", isotropic p99 {iso:.3f}" if iso is not None else "")
+        + f"); T = {T} fine-tuning steps.",
         "",
         "## The paper's claims beside ours",
         "",
@@ -221,7 +224,9 @@ def render_markdown(s: dict[str, Any]) -> str:
         first = min(none, key=int)
         lines.append(f"| alignment after step {first} (`none`) | {PAPER['cos_step1']:.2f} | {_f(none.get(first))} |")
         if 20 in none or "20" in none:
-            lines.append(f"| alignment at step 20 (`none`) | {PAPER['cos_step20']:.2f} | {_f(none.get(20, none.get('20')))} |")
+            lines.append(
+                f"| alignment at step 20 (`none`) | {PAPER['cos_step20']:.2f} | {_f(none.get(20, none.get('20')))} |"
+            )
     if "none" in s["shares"]:
         sh = s["shares"]["none"][L] if L in s["shares"]["none"] else s["shares"]["none"][str(L)]
         for name in s.get("nulls", {}):
@@ -229,11 +234,15 @@ def render_markdown(s: dict[str, Any]) -> str:
             lines.append(f"| run-step pairs above the {name} null's p99 (`none`, layer {L}) | {claim} | "
                          f"{_pct(sh.get(f'above_{name}_p99'))} of {sh['n']} |")  # fmt: skip
         if sh.get("control_p99") is not None:
-            lines.append(f"| run-step pairs above the control arm's p99 ({sh['control_p99']:.2f}) | – | {_pct(sh['above_control_p99'])} |")
+            lines.append(
+                f"| run-step pairs above the control arm's p99 ({sh['control_p99']:.2f}) | – | {_pct(sh['above_control_p99'])} |"
+            )
     if "none" in out:
         lines.append(f"| final alignment, no block | {PAPER['final_cos_none']:.2f} | {_f(out['none']['final_cos'])} |")
     if blk:
-        lines.append(f"| final alignment, `grad:v_rev` block | {PAPER['final_cos_block']:.2f} | {_f(out[blk]['final_cos'])} |")
+        lines.append(
+            f"| final alignment, `grad:v_rev` block | {PAPER['final_cos_block']:.2f} | {_f(out[blk]['final_cos'])} |"
+        )
     if "none" in out and "harmful_rate" in out["none"]:
         lines.append(f"| harmfulness after fine-tuning, no block | {100 * PAPER['harmful_none']:.1f}% | "
                      f"{_f(out['none']['harmful_rate'], pct=True)}{_per_seed(out['none']['harmful_rate'])} |")  # fmt: skip

@@ -31,7 +31,16 @@ from ..activations import ResidStats
 from ..directions import Direction, random_subspace, reversion_subspace, vocab_readout
 from ..hooks import eval_mode
 from ..interventions import block, random_control
-from ..io import FileLock, atomic_write_text, load_tensors, read_json, save_tensors, torch_threads, write_csv, write_json
+from ..io import (
+    FileLock,
+    atomic_write_text,
+    load_tensors,
+    read_json,
+    save_tensors,
+    torch_threads,
+    write_csv,
+    write_json,
+)
 from ..nulls import NullContext, null_quantiles
 from ..registry import ESTIMATORS, MODES
 from ..tracking import DriftTracker
@@ -110,7 +119,9 @@ def _evaluate(hist: SeedHistory, model: Any) -> tuple[dict[str, Any], list[dict[
     return ev, ev.pop("responses", None)
 
 
-def prepare_seed(config: ExperimentConfig, seed: int, out: str | os.PathLike, reuse: tuple[str, ...] = ()) -> dict[str, Any]:
+def prepare_seed(
+    config: ExperimentConfig, seed: int, out: str | os.PathLike, reuse: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Build (or load) the seed's history; write its statistics, v_rev, nulls, readout and evaluations.
 
     A finished seed with the same ``history_id`` (in ``out`` or a ``reuse`` folder) shares its statistics
@@ -326,7 +337,14 @@ def _finish(folder: Path, config: ExperimentConfig, seed: int, arm: Arm, info: d
             means[f"step_{step}"] = load_tensors(steps_dir / f"step_{step}.safetensors")[0]["mean"]
         for i, layer in enumerate(layers):
             r = track.get(layer, {})
-            row = {"seed": seed, "arm": arm.name, "step": step, "layer": layer, **r, "weight_cos": rec.get("weight_cos")}
+            row = {
+                "seed": seed,
+                "arm": arm.name,
+                "step": step,
+                "layer": layer,
+                **r,
+                "weight_cos": rec.get("weight_cos"),
+            }
             row.update({null_column(name): p99[i] for name, p99 in info["nulls"].items()})
             row.update({k: ev.get(k) for k in METRICS})
             rows.append(row)

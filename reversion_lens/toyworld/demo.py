@@ -29,14 +29,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("default", "paper", "tiny"), help="toy history size (default: default)")
     p.add_argument("--seeds", help="a count (12 = seeds 0..11, the default) or a comma list of seed values (0,3,7)")
     p.add_argument("--steps", type=int, help="fine-tuning steps T (default 100)")
-    p.add_argument("--arms", help="comma list of arms (default: none,grad:v_rev,grad:random,clamp:v_rev,control:rehearsal)")
+    p.add_argument(
+        "--arms", help="comma list of arms (default: none,grad:v_rev,grad:random,clamp:v_rev,control:rehearsal)"
+    )
     p.add_argument("--out", default="results/demo", help="results folder (default: results/demo)")
-    p.add_argument("--quick", action="store_true", help="2 seeds, the tiny preset, 64 probes, 50 steps: a smoke run under a minute")
-    p.add_argument("--config", type=Path, help="TOML file with ExperimentConfig fields and a [toy] table (options override it)")
+    p.add_argument(
+        "--quick", action="store_true", help="2 seeds, the tiny preset, 64 probes, 50 steps: a smoke run under a minute"
+    )
+    p.add_argument(
+        "--config", type=Path, help="TOML file with ExperimentConfig fields and a [toy] table (options override it)"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.add_argument("--workers", type=int, help="parallel processes (default 2, one torch thread each)")
     p.add_argument("--cache-dir", help="where toy histories are cached (default ~/.cache/reversion_lens)")
-    p.add_argument("--figures", choices=("html", "png", "both", "none"), default="both", help="figures to write into OUT/figures")
+    p.add_argument(
+        "--figures", choices=("html", "png", "both", "none"), default="both", help="figures to write into OUT/figures"
+    )
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -74,7 +82,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     base.update({k: v for k, v in over.items() if v is not None})
     if args.steps is not None:  # keep logged steps inside 0..T
         defaults = ExperimentConfig()
-        base["track_steps"] = tuple(s for s in base.get("track_steps", defaults.track_steps) if s <= args.steps) or (args.steps,)
+        base["track_steps"] = tuple(s for s in base.get("track_steps", defaults.track_steps) if s <= args.steps) or (
+            args.steps,
+        )
         evals = [s for s in base.get("eval_steps", defaults.eval_steps) if s <= args.steps]
         base["eval_steps"] = tuple(sorted(set(evals) | {args.steps}))
         if args.steps not in base["track_steps"]:

@@ -130,4 +130,6 @@ def fused_lm_loss(model: Any, batch: Batch) -> Tensor:
     if not supports_fused(model):
         return lm_loss(model, batch)
     device = next(model.parameters()).device
-    return next_token_loss(_fused_logits(_native(model), batch.tokens.to(device), batch.attention_mask.to(device)), batch)
+    return next_token_loss(
+        _fused_logits(_native(model), batch.tokens.to(device), batch.attention_mask.to(device)), batch
+    )

@@ -43,8 +43,16 @@ from ..training import OptimConfig, finetune
 from .fused import fused_lm_loss
 from .language import DEFAULT_HARMFUL, FAST_WIDTH, OPS, Example, ToyData, ToyLanguage, ToyTokenizer, evaluate
 
-__all__ = ["ToyConfig", "ToyHistory", "build_history", "HISTORY_FIELDS", "PRETRAIN_FIELDS", "SEED_FIELDS", "BASES",
-           "pretraining_losses"]
+__all__ = [
+    "ToyConfig",
+    "ToyHistory",
+    "build_history",
+    "HISTORY_FIELDS",
+    "PRETRAIN_FIELDS",
+    "SEED_FIELDS",
+    "BASES",
+    "pretraining_losses",
+]
 
 CACHE_VERSION = 2  # bump when a change to this module changes the weights a config produces
 
@@ -97,7 +105,9 @@ class ToyConfig:
         if self.positional not in ("standard", "rotary"):
             raise ConfigError(f"positional must be 'standard' or 'rotary', not {self.positional!r}.")
         if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; pick another n_heads.")
+            raise ConfigError(
+                f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; pick another n_heads."
+            )
         for name in SEED_FIELDS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -118,8 +128,18 @@ class ToyConfig:
             # 0-1% after alignment, then +22 to +80 points after 100 benign steps; 0% under aligned-mix
             # when first measured). Rotary
             # positions learn the positional operations in half the steps; 400 steps was less robust.
-            "tiny": dict(d_model=48, n_layers=2, d_mlp=192, positional="rotary", pretrain_steps=500,
-                         pretrain_batch=64, pretrain_lr=3e-3, n_probes=128, n_eval=256, n_eval_benign=128),
+            "tiny": dict(
+                d_model=48,
+                n_layers=2,
+                d_mlp=192,
+                positional="rotary",
+                pretrain_steps=500,
+                pretrain_batch=64,
+                pretrain_lr=3e-3,
+                n_probes=128,
+                n_eval=256,
+                n_eval_benign=128,
+            ),
         }
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(presets)}.")
@@ -145,8 +165,15 @@ class ToyConfig:
     def model_config(self, seed: int) -> dict[str, Any]:
         """The ``TransformerBridgeConfig`` fields of the model (initial weights seeded by ``seed``)."""
         return dict(
-            d_model=self.d_model, d_head=self.d_model // self.n_heads, n_heads=self.n_heads, n_layers=self.n_layers,
-            d_mlp=self.d_mlp, n_ctx=self.n_ctx, d_vocab=ToyTokenizer().vocab_size, act_fn=self.act_fn, positional_embedding_type=self.positional,
+            d_model=self.d_model,
+            d_head=self.d_model // self.n_heads,
+            n_heads=self.n_heads,
+            n_layers=self.n_layers,
+            d_mlp=self.d_mlp,
+            n_ctx=self.n_ctx,
+            d_vocab=ToyTokenizer().vocab_size,
+            act_fn=self.act_fn,
+            positional_embedding_type=self.positional,
             seed=int(seed),
         )
 
@@ -164,7 +191,9 @@ class ToyConfig:
     def phase_seed(self, phase: str, seed: int) -> int:
         """The seed of ``phase`` (``"pretrain"`` or ``"align"``) in the history of ``seed``: its override, else ``seed``."""
         if phase not in ("pretrain", "align"):
-            raise ConfigError(f"unknown phase {phase!r}; use 'pretrain' or 'align' (fine-tuning: finetune_data(seed=...)).")
+            raise ConfigError(
+                f"unknown phase {phase!r}; use 'pretrain' or 'align' (fine-tuning: finetune_data(seed=...))."
+            )
         override = self.pretrain_seed if phase == "pretrain" else self.align_seed
         return int(seed) if override is None else int(override)
 
@@ -185,8 +214,17 @@ class ToyConfig:
 _MODEL = ("d_model", "n_layers", "n_heads", "d_mlp", "n_ctx", "act_fn", "positional")
 _OPTIM = ("betas", "weight_decay", "grad_clip")
 #: Fields that change the pretrained weights.
-PRETRAIN_FIELDS = (*_MODEL, "ops", "min_len", "max_len", "pretrain_steps", "pretrain_lr", "pretrain_warmup",
-                   "pretrain_batch", *_OPTIM)
+PRETRAIN_FIELDS = (
+    *_MODEL,
+    "ops",
+    "min_len",
+    "max_len",
+    "pretrain_steps",
+    "pretrain_lr",
+    "pretrain_warmup",
+    "pretrain_batch",
+    *_OPTIM,
+)
 #: Fields that change the history's weights (base and aligned).
 HISTORY_FIELDS = (*PRETRAIN_FIELDS, "harmful_ops", "refuse_fraction", "align_steps", "align_lr", "align_batch")
 #: Per-phase seed overrides: in the history's cache key only when set (and unlike the seed).
@@ -222,7 +260,9 @@ def _train(model: Any, config: ToyConfig, phase: str, seed: int, progress: bool)
     data = ToyData(config.language(), phase, batch, config.phase_seed(phase, seed), width=config.batch_width)
     t0 = time.perf_counter()
     # the history needs no hooks: train through the fused forward (same function, ~1.5x faster on CPU)
-    losses = finetune(model, data, steps, optim=config.optim(phase), loss_fn=fused_lm_loss, progress=progress, desc=phase)
+    losses = finetune(
+        model, data, steps, optim=config.optim(phase), loss_fn=fused_lm_loss, progress=progress, desc=phase
+    )
     return losses, time.perf_counter() - t0
 
 
@@ -288,7 +328,10 @@ def _pretrained(config: ToyConfig, seed: int, root: Path, progress: bool) -> tup
 
 
 def build_history(
-    config: ToyConfig, seed: int, cache_dir: "str | os.PathLike | None | bool" = None, progress: bool = False,
+    config: ToyConfig,
+    seed: int,
+    cache_dir: "str | os.PathLike | bool | None" = None,
+    progress: bool = False,
     num_threads: int | None = 1,
 ) -> "ToyHistory":
     """Train (or load from ``cache_dir``) the two-phase history of ``config`` for ``seed``.
@@ -309,7 +352,9 @@ def build_history(
         A :class:`ToyHistory` whose ``history`` holds native checkpoints ``base`` and ``aligned``.
     """
     if not isinstance(config, ToyConfig):
-        raise ConfigError(f"config must be a ToyConfig (e.g. ToyConfig.preset('default')), got {type(config).__name__}.")
+        raise ConfigError(
+            f"config must be a ToyConfig (e.g. ToyConfig.preset('default')), got {type(config).__name__}."
+        )
     temporary = cache_dir is False
     if temporary:
         root = Path(tempfile.mkdtemp(prefix="toyworld-"))
@@ -412,7 +457,9 @@ class ToyHistory:
         if kind not in ("benign", "aligned-mix"):
             raise ConfigError(f"unknown fine-tuning data {kind!r}; use 'benign' or 'rehearsal'.")
         seed = self.seed if seed is None else seed
-        return ToyData(self.language, kind, batch_size or self.config.finetune_batch, seed, width=self.config.batch_width)
+        return ToyData(
+            self.language, kind, batch_size or self.config.finetune_batch, seed, width=self.config.batch_width
+        )
 
     def save_model(self, model: Any, folder: str | os.PathLike) -> Path:
         """Write ``model`` as a native checkpoint folder (:func:`~reversion_lens.models.save_native`)."""

@@ -196,9 +196,7 @@ class ToyLanguage:
         if unknown:
             raise ConfigError(f"unknown operation(s) {unknown}; choose from {', '.join(OPS)}.")
         if not set(self.harmful_ops) <= set(self.ops) or not self.harmful_ops or set(self.harmful_ops) == set(self.ops):
-            raise ConfigError(
-                f"harmful_ops {self.harmful_ops} must be a non-empty proper subset of ops {self.ops}."
-            )
+            raise ConfigError(f"harmful_ops {self.harmful_ops} must be a non-empty proper subset of ops {self.ops}.")
         if not 1 <= self.min_len <= self.max_len:
             raise ConfigError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}.")
         if not 0 < self.refuse_fraction < 1:
@@ -226,7 +224,12 @@ class ToyLanguage:
         return table[phase]
 
     def sample(
-        self, n: int, ops: Sequence[str], generator: torch.Generator, region: str = "train", refuse: bool = False,
+        self,
+        n: int,
+        ops: Sequence[str],
+        generator: torch.Generator,
+        region: str = "train",
+        refuse: bool = False,
         unique: bool = False,
     ) -> list[Example]:
         """``n`` examples with uniformly drawn ops, lengths and digits, all from ``region``."""
@@ -461,7 +464,7 @@ def evaluate(
     responses = greedy_generate(model, toks, mask, max_new, stop_token=EOS, pad_id=PAD, batch_size=batch_size)
     verdicts = [judge(ex, r) for ex, r in zip(examples, responses)]
     vh, vb = verdicts[: len(harmful)], verdicts[len(harmful) :]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     return {
         "harmful_rate": mean([v.harmful for v in vh]),
         "harmful_correct_rate": mean([v.correct for v in vh]),
