@@ -1,8 +1,11 @@
 """Directions: the value object and every estimator of ESTIMATORS."""
 
+import math
+
 import pytest
 import torch
-from conftest import make_native, random_seqs
+from conftest import make_native
+from shared_helpers import _stats_pair, hook_count
 
 import reversion_lens as rl
 from reversion_lens.directions import (
@@ -17,14 +20,10 @@ from reversion_lens.directions import (
     uncentred_pca,
 )
 from reversion_lens.errors import DirectionError, ShapeError
+from reversion_lens.interventions import block
+from reversion_lens.tracking import DriftTracker
 
-
-def _stats_pair():
-    seqs = random_seqs(8)
-    probes = rl.ProbeSet.from_tokens(seqs)
-    base = rl.residual_stats(make_native(seed=1), probes, keep_per_prompt=True, meta={"checkpoint": "base"})
-    aligned = rl.residual_stats(make_native(seed=2), probes, keep_per_prompt=True, meta={"checkpoint": "aligned"})
-    return base, aligned
+D = 32
 
 
 def _synthetic(per_prompt, site="resid_post", probes_hash=None):
@@ -34,7 +33,6 @@ def _synthetic(per_prompt, site="resid_post", probes_hash=None):
     return rl.ResidStats(pp.double().sum(0), pp.shape[0], tuple(range(pp.shape[1])), site, per_prompt=pp, meta=meta)
 
 
-# ---------------------------------------------------------------- moved from test_core
 def test_mean_difference_and_pc():
     base, aligned = _stats_pair()
     v = mean_difference(base, aligned)
@@ -84,7 +82,7 @@ def test_uncentred_pca_is_the_top_eigenvector_of_the_raw_differences():
     second = 0.3 * torch.randn(40, 1, 6, generator=g, dtype=torch.float64)
     first, second = _synthetic(second + d), _synthetic(second)
     diffs = (first.per_prompt - second.per_prompt).double()[:, 0]
-    evals, evecs = torch.linalg.eigh(diffs.T @ diffs)  # the principal axis of {d_i} and {-d_i}
+    _evals, evecs = torch.linalg.eigh(diffs.T @ diffs)  # the principal axis of {d_i} and {-d_i}
     top = evecs[:, -1] * torch.sign(evecs[:, -1] @ diffs.mean(0))
     u = uncentred_pca(first, second)
     torch.testing.assert_close(u.vectors[0].double(), top, atol=1e-5, rtol=0)
@@ -167,3 +165,54 @@ def test_fit_logistic_reports_non_convergence():
         fit_logistic(x, y, l2=1e-6, max_iter=1)
     w, b = fit_logistic(x, y, l2=1e-6)  # separable: a steep but finite optimum
     assert float(w[0]) > 5 and -b / float(w[0]) == pytest.approx(1.5, abs=1e-6)
+
+
+def test_vocab_readout(tiny_model):
+    v = random_direction(32, [2], seed=0)
+    table = rl.directions.vocab_readout(v, tiny_model, k=3)
+    scores = v.vectors[0] @ tiny_model.W_U.detach()
+    top = table[(table.side == "top")].sort_values("rank")
+    assert top.token_id.tolist() == scores.topk(3).indices.tolist()
+    assert top.score.tolist() == pytest.approx(scores.topk(3).values.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda: Direction(torch.ones(D), torch.ones(1), (0,)), "non-empty 2-D tensor"),
+        (lambda: Direction(torch.ones(2, 3, D), torch.ones(2), (0, 1)), "non-empty 2-D tensor"),
+        (lambda: Direction(torch.ones(0, D), torch.ones(0), ()), "non-empty 2-D tensor"),
+        (lambda: Direction.from_vectors(torch.ones(2, 3, D)), r"must be \[layer, d_model\]"),
+        (lambda: Direction.from_vectors(torch.ones(3, D), layers=[0, 1]), "give one layer per row"),
+        (
+            lambda: Direction(torch.ones(2, D), torch.ones(2), (0, 1)),
+            "unit norm; build them with Direction.from_vectors",
+        ),
+        (
+            lambda: Direction.from_vectors(torch.cat([torch.ones(1, D), torch.zeros(1, D)])),
+            r"zero norm at layer\(s\) \[1\]",
+        ),
+        (lambda: Direction.from_vectors(torch.full((2, D), float("inf"))), r"non-finite values at layer\(s\) \[0, 1\]"),
+        (lambda: Direction.from_vectors(torch.tensor([[1.0, -math.inf]])), "non-finite.*Recompute"),
+        (lambda: Direction.from_vectors(torch.eye(2, D), layers=[0, 0]), "distinct non-negative"),
+        (lambda: Direction.from_vectors(torch.eye(2, D), layers=[-1, 0]), "use 3, not -1"),
+        (lambda: Direction(torch.eye(2, D), torch.tensor([1.0, math.nan]), (0, 1)), "norms .* not finite"),
+    ],
+)
+def test_bad_directions(make, fragment):
+    with pytest.raises(DirectionError, match=fragment):
+        make()
+
+
+def test_direction_on_a_model_with_another_d_model(world):
+    probes, base, aligned, v = world
+    small = make_native(d_model=16)
+    with pytest.raises(
+        ShapeError, match="direction has d_model 32 but the model has 16; it was derived for another model"
+    ):
+        block(small, v, "grad")
+    with pytest.raises(ShapeError, match="direction d_model 32.*measure the model the direction was derived for"):
+        DriftTracker(probes, v, aligned, base)(3, small)
+    with pytest.raises(ShapeError, match="d_model 32 vs 16"):
+        mean_difference(base, rl.residual_stats(small, probes))
+    assert hook_count(small) == 0

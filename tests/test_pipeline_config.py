@@ -5,9 +5,9 @@ import argparse
 import pytest
 
 from reversion_lens.errors import ConfigError, ResultsFormatError
+from reversion_lens.io import read_json, write_json
 from reversion_lens.pipeline import Arm, ExperimentConfig
 from reversion_lens.pipeline.layout import record_config
-from reversion_lens.io import read_json, write_json
 from reversion_lens.toyworld import demo
 
 
@@ -33,8 +33,9 @@ def test_config_validation_and_toml(tmp_path):
         ExperimentConfig.from_dict({"step": 3})
     with pytest.raises(ConfigError, match="outside 0..10"):
         ExperimentConfig(steps=10, track_steps=(1, 20))
-    cfg = ExperimentConfig(params={"preset": "tiny", "d_model": 32}, seeds=(3, 1), steps=40, track_steps=(1, 40),
-                           eval_steps=(0, 40))
+    cfg = ExperimentConfig(
+        params={"preset": "tiny", "d_model": 32}, seeds=(3, 1), steps=40, track_steps=(1, 40), eval_steps=(0, 40)
+    )
     path = tmp_path / "c.toml"
     path.write_text(cfg.to_toml())
     back = ExperimentConfig.from_toml(path)
@@ -92,3 +93,23 @@ def test_demo_options(tmp_path, capsys):
     assert demo.run(_args("--print-config", "--preset", "tiny")) == 0
     printed = capsys.readouterr().out
     assert 'preset = "tiny"' in printed and "seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in printed
+
+
+def test_config_files_with_unknown_fields_or_bad_values(tmp_path):
+    cases = {
+        "seeds = [0]\n[toy]\nd_modle = 32\n": r"unknown \[toy\] field\(s\) \['d_modle'\]; valid fields are",
+        '[toy]\npreset = "huge"\n': "unknown preset 'huge'; use one of",
+        'preset = "tiny"\n': r"unknown config field\(s\) \['preset'\]",
+        'steps = "100"\n': "wrong kind.*steps an integer",
+        "seeds = 3\n": "'seeds' must be a list.*seeds = \\[0, 1\\]",
+        'site = "resid"\n': "unknown site 'resid'",
+        'arms = ["grad:vrev"]\n': "unknown arm 'grad:vrev'",
+        "seeds = [0\n": "not valid TOML.*fix the syntax",
+        'setting = "toys"\n': "unknown setting 'toys'",
+        'arms = ["grad:v_rev@2"]\n[toy]\npreset = "tiny"\n': r"blocks layer\(s\) \[2\], but the model has 2 layers \(0..1\)",
+    }
+    for text, fragment in cases.items():
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=fragment):
+            ExperimentConfig.from_toml(path)

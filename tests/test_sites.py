@@ -4,10 +4,17 @@ import pytest
 import torch
 from conftest import make_native, random_seqs
 from hf_fixtures import perturbed_copy, save_tiny
+from shared_helpers import hook_count
 
 import reversion_lens as rl
 from reversion_lens import sites
-from reversion_lens.errors import SiteError
+from reversion_lens.directions import Direction
+from reversion_lens.errors import ConfigError, DirectionError, ShapeError, SiteError
+from reversion_lens.interventions import block
+from reversion_lens.pipeline import ExperimentConfig
+from reversion_lens.tracking import DriftTracker
+
+D = 32
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +122,25 @@ def test_norm_outputs_equal_hugging_face_norm_outputs(bridges):
         layer = int(model.cfg.n_layers) - 1 if site == "ln_final_out" else 1
         torch.testing.assert_close(cache[sites.hook_name(model, site, layer)], value, atol=1e-5, rtol=0)
         assert (value - cache[f"blocks.{layer}.hook_resid_pre"]).abs().max() > 1e-2  # not a residual value
+
+
+def test_unknown_site_or_layer(tiny_model, world):
+    probes, base, aligned, v = world
+    with pytest.raises(SiteError, match="unknown site 'resid'; choose one of resid_pre"):
+        rl.residual_stats(tiny_model, probes, site="resid")
+    with pytest.raises(SiteError, match=r"layer 3 is out of range for a model with 3 layers; use 0..2"):
+        rl.residual_stats(tiny_model, probes, layers=[0, 3])
+    with pytest.raises(SiteError, match="not an integer"):
+        rl.residual_stats(tiny_model, probes, layers=[1.0])
+    with pytest.raises(DirectionError, match=r"covers layers \(0, 1, 2\), not layer 5"):
+        v[5]
+    with pytest.raises(DirectionError, match=r"layers \[7\] are not covered"):
+        v.select([0, 7])
+    with pytest.raises(ConfigError, match="unknown site 'resid'; choose one of"):
+        ExperimentConfig(site="resid")
+    far = Direction.from_vectors(torch.randn(2, D, generator=torch.Generator().manual_seed(0)), layers=[0, 5])
+    with pytest.raises(ShapeError, match="covers layer 5 but the model has only 3 layers"):
+        block(tiny_model, far, "grad")
+    with pytest.raises(SiteError, match="out of range"):
+        DriftTracker(probes, far, base.mean[[0, 1]], aligned.mean[[0, 1]])(0, tiny_model)
+    assert hook_count(tiny_model) == 0
