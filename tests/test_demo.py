@@ -87,3 +87,29 @@ def test_cli_demo_help():
     out = subprocess.run([sys.executable, "-m", "reversion_lens.cli", "demo", "--help"], capture_output=True, text=True,
                          env={**os.environ}, cwd=ROOT, timeout=120)  # fmt: skip
     assert out.returncode == 0 and "--quick" in out.stdout and "--preset" in out.stdout
+
+
+def test_summary_folds_the_per_layer_shares_of_a_deep_model(small_run):
+    import json
+
+    from reversion_lens.pipeline.results import render_markdown
+
+    s = json.loads((small_run / "summary.json").read_text())
+    assert "<details>" not in render_markdown(s)  # two layers: every row shown
+    one = next(iter(s["shares"]["none"].values()))
+    s["layers"], s["report_layer"] = list(range(30)), 29
+    s["shares"] = {arm: {str(lay): dict(one) for lay in range(30)} for arm in s["shares"]}
+    md = render_markdown(s)
+    visible, folded = md.split("<details>")
+    assert visible.count("| `none` | 29 |") == 1 and folded.count("| `none` |") == 30
+
+
+def test_the_committed_notebook_is_executed():
+    """The repository page shows outputs: every code cell ran, none failed, the figures carry a PNG."""
+    nb = nbformat.read(ROOT / "notebooks" / "explore.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.get("execution_count") for c in code), "run `python notebooks/build.py` and commit"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    figs = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figs) == 3 and all("image/png" in o["data"] for o in figs)

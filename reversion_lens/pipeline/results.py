@@ -203,7 +203,7 @@ def _describe_setting(s: dict[str, Any]) -> str:
 def render_markdown(s: dict[str, Any]) -> str:
     L, T = s["report_layer"], s["config"]["steps"]
     out = s["outcomes"]
-    arms = list(out)
+    arms = [a for a in s["config"].get("arms", out) if a in out]  # the config's order (JSON keys may be sorted)
     blk = "grad:v_rev" if "grad:v_rev" in out else None
     iso = s.get("null_p99_isotropic")
     lines = [
@@ -290,13 +290,23 @@ def render_markdown(s: dict[str, Any]) -> str:
                      f"{_f(h['aligned'].get('task_accuracy'), pct=True)}" if "task_accuracy" in h["base"] else "")
                   + "."]  # fmt: skip
     nulls = list(s.get("nulls", {}))
-    lines += ["", "## Shares of run-step pairs above each null, per layer", "",
-              "| arm | layer | n | " + " | ".join(f"> {n} p99" for n in nulls) + " | > control p99 |",
+    many = len(s["layers"]) > 8  # a 30-layer model: fold the per-layer rows away, keep the report layer visible
+    lines += ["", "## Shares of run-step pairs above each null, per layer", ""]
+    header = ["| arm | layer | n | " + " | ".join(f"> {n} p99" for n in nulls) + " | > control p99 |",
               "| --- | --- | --- | " + " | ".join("---" for _ in nulls) + " | --- |"]  # fmt: skip
-    for arm in arms:
-        for lay, e in s["shares"][arm].items():
-            lines.append(f"| `{arm}` | {lay} | {e['n']} | " + " | ".join(_pct(e.get(f"above_{n}_p99")) for n in nulls)
-                         + f" | {_pct(e.get('above_control_p99'))} |")  # fmt: skip
+
+    def share_row(arm: str, lay: Any, e: dict[str, Any]) -> str:
+        cells = " | ".join(_pct(e.get(f"above_{n}_p99")) for n in nulls)
+        return f"| `{arm}` | {lay} | {e['n']} | {cells} | {_pct(e.get('above_control_p99'))} |"
+
+    if many:
+        lines += [f"At the report layer {L}:", "", *header]
+        lines += [share_row(arm, L, e) for arm in arms for lay, e in s["shares"][arm].items() if int(lay) == L]
+        lines += ["", f"<details><summary>every layer ({len(s['layers'])})</summary>", ""]
+    lines += header
+    lines += [share_row(arm, lay, e) for arm in arms for lay, e in s["shares"][arm].items()]
+    if many:
+        lines += ["", "</details>"]
     per_arm = s["spearman_alignment_harm"]["per_arm"]
     rows = [f"`{a}` {r['rho']:.2f} (n = {r['n']})" for a, r in per_arm.items() if r.get("rho") is not None]
     if rows:
