@@ -19,8 +19,6 @@ reproduce the bridge's logits before anything is renamed into place.
 import contextlib
 import copy
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .errors import SpecError
+from .lora import replaced_folder
 from .models import hf_module_name
 
 __all__ = ["hf_state_dict", "is_hf_bridge", "save_hf"]
@@ -336,25 +335,13 @@ def save_hf(
     del state
     if check:
         _check_logits(model, hf)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with replaced_folder(folder) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         tok = tokenizer if tokenizer is not None else _source_tokenizer(model)
         if tok is not None and hasattr(tok, "save_pretrained"):
             tok.save_pretrained(tmp)
             _patch_tokenizer_class(tmp)
         _fsync_tree(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

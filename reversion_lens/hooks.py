@@ -5,6 +5,9 @@
   one ``EarlyStop``, so a nested forward (a clamp's reference model inside a statistics pass) never
   swallows another's stop.
 * :func:`eval_mode`: eval mode for a block, every submodule's own flag restored afterwards.
+* :class:`Cast`: a hook's constant tensor converted once per (device, dtype) of what it edits.
+* :func:`add_hook` / :func:`remove_hooks`: hook handles kept one by one, so that a hook set (an intervention,
+  a steering set) removes exactly the hooks it added, whatever else is hooked on the model.
 * The active-interventions registry: interventions announce themselves when attached
   (:func:`register_active`), so the training loop, the tracker and generation can list them
   (:func:`active_interventions`) and measure the bare weights (:func:`paused`).
@@ -24,6 +27,10 @@ __all__ = [
     "EarlyStop",
     "eval_mode",
     "kept_modes",
+    "Cast",
+    "add_hook",
+    "remove_hook",
+    "remove_hooks",
     "register_active",
     "unregister_active",
     "active_interventions",
@@ -82,6 +89,58 @@ def eval_mode(model: torch.nn.Module, modules: list[torch.nn.Module] | None = No
         for m in kept:
             object.__setattr__(m, "training", False)
         yield
+
+
+# ---------------------------------------------------------------------- hook constants and handles
+class Cast:
+    """A tensor cached per (device, dtype), so hooks never convert twice: ``Cast(v).like(x)`` is ``v`` as ``x``'s."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        out = self._cache.get(key)
+        if out is None:
+            out = self._cache[key] = self.t.to(device=x.device, dtype=x.dtype)
+        return out
+
+
+def add_hook(model: Any, hp: Any, name: str, fn: Callable, direction: str) -> Any:
+    """Add ``fn`` to hook point ``hp`` (``model.hook_dict[name]``), ``"fwd"`` or ``"bwd"``, with the model's own
+    checks; return the handle that :func:`remove_hook` takes."""
+    check = getattr(model, "check_hooks_to_add", None)
+    if check is not None:
+        check(hp, name, fn, dir=direction)
+    handle = hp.add_hook(fn, dir=direction)
+    if handle is None:  # legacy HookPoint.add_hook returns nothing; the handle is the last one listed
+        handle = (hp.fwd_hooks if direction == "fwd" else hp.bwd_hooks)[-1]
+    return handle
+
+
+def remove_hook(hp: Any, direction: str, handle: Any) -> None:
+    """Remove one hook added by :func:`add_hook` (``direction="module"``: a plain PyTorch ``RemovableHandle``)."""
+    if direction == "module":  # a plain PyTorch module hook (RemovableHandle)
+        handle.remove()
+        return
+    handle.hook.remove()
+    handles = hp.fwd_hooks if direction == "fwd" else hp.bwd_hooks
+    handles[:] = [h for h in handles if h is not handle]
+
+
+def remove_hooks(handles: list[tuple[Any, str, Any]]) -> None:
+    """Pop and remove every ``(hook point, direction, handle)`` of ``handles``, last first; a failure does not
+    stop the rest, and the first one is raised at the end."""
+    errors = []
+    while handles:
+        hp, direction, handle = handles.pop()
+        try:
+            remove_hook(hp, direction, handle)
+        except Exception as e:  # keep removing the rest; report the first failure
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 # ---------------------------------------------------------------------- active interventions

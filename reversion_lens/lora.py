@@ -33,10 +33,11 @@ bridge keeps its adapters), :func:`merge_lora` merges in place, :func:`save_lora
 adapter folder for ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)``.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -402,11 +403,20 @@ def save_lora_adapter(model: Any, folder: str | os.PathLike, *, base_model_name_
         tensors[f"{p}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().cpu().contiguous()
         tensors[f"{p}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().cpu().contiguous()
     folder = Path(folder)
+    with replaced_folder(folder) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+    return folder
+
+
+@contextlib.contextmanager
+def replaced_folder(folder: Path) -> Iterator[Path]:
+    """Yield a new empty folder beside ``folder`` to write into; if the block succeeds it is renamed to ``folder``
+    (replacing an existing one), if it raises it is deleted and ``folder`` is left as it was."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
+        yield tmp
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
@@ -417,4 +427,3 @@ def save_lora_adapter(model: Any, folder: str | os.PathLike, *, base_model_name_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder

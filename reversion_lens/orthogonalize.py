@@ -79,7 +79,21 @@ def _module(model: Any, path: str) -> Any:
     return getattr(obj, "original_component", None) or obj
 
 
-def _axis(module: torch.nn.Module, p: Tensor, D: int, label: str) -> int:
+def _writer_module(model: Any, path: str, unsupported: str) -> Any:
+    """The (unwrapped) module at ``path``, or ``None`` where the architecture has none (rotary models: no
+    ``pos_embed``; attention-only ones: no ``mlp.out``); any other missing module is a :class:`SiteError`
+    ending in ``unsupported`` (which models the caller supports, and what to use instead)."""
+    mod = _module(model, path)
+    if mod is None:
+        optional = path == "pos_embed" or (path.endswith("mlp.out") and getattr(model.cfg, "attn_only", False))
+        if not optional:
+            raise SiteError(f"{type(model).__name__} has no module {path!r}; {unsupported}")
+    return mod
+
+
+def _axis(module: torch.nn.Module, p: Tensor, D: int, label: str, advice: str = "") -> int:
+    """The ``d_model`` axis of ``p`` (a parameter of ``module``): 0 for biases and ``nn.Linear``, 1 for embeddings
+    and Hugging Face ``Conv1D``, else the one axis of size ``D`` (``advice`` ends the error when there is none)."""
     if p.ndim == 1 or isinstance(module, torch.nn.Linear):
         axis = 0
     elif isinstance(module, torch.nn.Embedding) or type(module).__name__ == "Conv1D":
@@ -87,11 +101,17 @@ def _axis(module: torch.nn.Module, p: Tensor, D: int, label: str) -> int:
     else:
         axes = [i for i, n in enumerate(p.shape) if n == D]
         if len(axes) != 1:
-            raise SiteError(f"cannot tell which axis of {label} {tuple(p.shape)} is d_model={D}.")
+            raise SiteError(f"cannot tell which axis of {label} {tuple(p.shape)} is d_model={D}{advice}.")
         axis = axes[0]
     if p.shape[axis] != D:
         raise SiteError(f"{label} has shape {tuple(p.shape)}; expected d_model={D} on axis {axis}.")
     return axis
+
+
+_UNSUPPORTED = (
+    "weight orthogonalization supports TransformerLens 4 bridges (embed, pos_embed, blocks.{l}.attn.o, "
+    "blocks.{l}.mlp.out). Use ablate_everywhere (hooks)."
+)
 
 
 def residual_writers(model: Any, layers: Sequence[int] | None = None) -> list[Writer]:
@@ -114,15 +134,9 @@ def residual_writers(model: Any, layers: Sequence[int] | None = None) -> list[Wr
         paths += [f"blocks.{layer}.attn.o", f"blocks.{layer}.mlp.out"]
     out = []
     for path in paths:
-        mod = _module(model, path)
+        mod = _writer_module(model, path, _UNSUPPORTED)
         if mod is None:
-            optional = path == "pos_embed" or (path.endswith("mlp.out") and getattr(model.cfg, "attn_only", False))
-            if optional:  # rotary models have no position embedding, attention-only ones no MLP
-                continue
-            raise SiteError(
-                f"{type(model).__name__} has no module {path!r}; weight orthogonalization supports TransformerLens 4 "
-                "bridges (embed, pos_embed, blocks.{l}.attn.o, blocks.{l}.mlp.out). Use ablate_everywhere (hooks)."
-            )
+            continue
         for name in ("weight", "bias"):
             p = getattr(mod, name, None)
             if isinstance(p, torch.nn.Parameter):

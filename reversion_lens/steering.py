@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .directions import Direction
 from .errors import ConfigError, DirectionError, ShapeError, SiteError
+from .hooks import Cast, add_hook, remove_hooks
 from .sites import BRANCH_SITES, check_layers, hook_name, is_bridge
 
 __all__ = [
@@ -92,7 +93,7 @@ class HookSet:
         self.model = model
         self.specs = list(specs)
         self.info = dict(info or {})
-        self._handles: list[tuple[Any, Any]] = []
+        self._handles: list[tuple[Any, str, Any]] = []
 
     @property
     def attached(self) -> bool:
@@ -110,13 +111,7 @@ class HookSet:
         try:
             for name, fn in self.specs:
                 hp = self.model.hook_dict[name]
-                check = getattr(self.model, "check_hooks_to_add", None)
-                if check is not None:
-                    check(hp, name, fn, dir="fwd")
-                handle = hp.add_hook(fn, dir="fwd")
-                if handle is None:  # legacy HookPoint.add_hook returns nothing; the handle is the last one listed
-                    handle = hp.fwd_hooks[-1]
-                self._handles.append((hp, handle))
+                self._handles.append((hp, "fwd", add_hook(self.model, hp, name, fn, "fwd")))
         except BaseException:
             self.remove()
             raise
@@ -124,16 +119,7 @@ class HookSet:
 
     def remove(self) -> None:
         """Remove exactly the hooks :meth:`attach` added (idempotent; also after ``model.reset_hooks()``)."""
-        errors = []
-        while self._handles:
-            hp, handle = self._handles.pop()
-            try:
-                handle.hook.remove()
-                hp.fwd_hooks[:] = [h for h in hp.fwd_hooks if h is not handle]
-            except Exception as e:  # keep removing the rest; report the first failure
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        remove_hooks(self._handles)
 
     def __enter__(self) -> "HookSet":
         return self.attach()
@@ -144,20 +130,6 @@ class HookSet:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"{type(self).__name__}({self.info}, {len(self.specs)} hooks, {state})"
-
-
-class _Cast:
-    """A vector cached per (device, dtype), so hooks never convert twice."""
-
-    def __init__(self, t: Tensor):
-        self.t = t
-        self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    def like(self, x: Tensor) -> Tensor:
-        key = (x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.t.to(device=x.device, dtype=x.dtype)
-        return self._cache[key]
 
 
 # ------------------------------------------------------------------ positions and coefficients
@@ -175,7 +147,7 @@ def _position_selector(positions: Any) -> Callable[[Tensor], Tensor | None]:
             raise ConfigError("a positions tensor must be a mask of 0/1 (or booleans), one entry per token.")
         if mask.ndim not in (1, 2):
             raise ShapeError(f"a positions mask must be [pos] or [batch, pos], got shape {tuple(mask.shape)}.")
-        cast = _Cast(mask if mask.ndim == 2 else mask[None])
+        cast = Cast(mask if mask.ndim == 2 else mask[None])
 
         def from_mask(x: Tensor) -> Tensor:
             m = cast.like(x)
@@ -300,7 +272,7 @@ def steer(
 
 
 def _steering_hook(v: Tensor, coeff: float, ablate: bool, select: Callable[[Tensor], Tensor | None]) -> Callable:
-    vc = _Cast(v)
+    vc = Cast(v)
 
     def steer_hook(x: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor:
         if x.ndim != 3:

@@ -8,9 +8,10 @@ from typing import Any
 from torch import Tensor
 
 from ..directions import Direction
+from ..hooks import Cast
 from ..registry import MODES
 from ..sites import hook_name
-from .base import Intervention, _Cast, _check_forward_site, _grouped_projections, project_out
+from .base import Intervention, _check_forward_site, _grouped_projections, project_out
 
 __all__ = ["Ablate"]
 
@@ -41,7 +42,7 @@ class Ablate(Intervention):
         ]
 
     def _make_hook(self, basis: Tensor) -> Callable:
-        q = _Cast(basis)
+        q = Cast(basis)
 
         def project_act(x: Tensor, hook: Any) -> Tensor | None:
             if self._paused:

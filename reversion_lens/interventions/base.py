@@ -25,7 +25,7 @@ from torch import Tensor
 from ..activations import ResidStats
 from ..directions import Direction
 from ..errors import ConfigError, DirectionError, ShapeError, SiteError
-from ..hooks import register_active, unregister_active
+from ..hooks import Cast, add_hook, register_active, remove_hooks, unregister_active
 from ..sites import check_layers, is_bridge
 
 __all__ = ["Intervention", "project_out"]
@@ -46,41 +46,6 @@ def _orthonormal(vectors: Float[Tensor, "k d_model"]) -> Float[Tensor, "r d_mode
     q, r = torch.linalg.qr(vectors.double().T)
     keep = r.diagonal().abs() > 1e-8
     return q.T[keep].to(vectors.dtype)
-
-
-class _Cast:
-    """A tensor cached per (device, dtype), so hooks never convert twice."""
-
-    def __init__(self, t: Tensor):
-        self.t = t
-        self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    def like(self, x: Tensor) -> Tensor:
-        key = (x.device, x.dtype)
-        out = self._cache.get(key)
-        if out is None:
-            out = self._cache[key] = self.t.to(device=x.device, dtype=x.dtype)
-        return out
-
-
-# ------------------------------------------------------------------ hook bookkeeping
-def _add_hook(model: Any, hp: Any, name: str, fn: Callable, direction: str) -> Any:
-    check = getattr(model, "check_hooks_to_add", None)
-    if check is not None:
-        check(hp, name, fn, dir=direction)
-    handle = hp.add_hook(fn, dir=direction)
-    if handle is None:  # legacy HookPoint.add_hook returns nothing; the handle is the last one listed
-        handle = (hp.fwd_hooks if direction == "fwd" else hp.bwd_hooks)[-1]
-    return handle
-
-
-def _remove_hook(hp: Any, direction: str, handle: Any) -> None:
-    if direction == "module":  # a plain PyTorch module hook (RemovableHandle)
-        handle.remove()
-        return
-    handle.hook.remove()
-    handles = hp.fwd_hooks if direction == "fwd" else hp.bwd_hooks
-    handles[:] = [h for h in handles if h is not handle]
 
 
 class Intervention:
@@ -112,6 +77,17 @@ class Intervention:
     def _hook_specs(self) -> list[tuple[str, str, Callable]]:
         return []
 
+    def _grad_hook(self, basis: Float[Tensor, "k d_model"]) -> Callable:
+        """A backward hook replacing the gradient by its projection off ``basis`` (orthonormal rows); inert while paused."""
+        q = Cast(basis)
+
+        def project_grad(grad: Tensor, hook: Any) -> tuple[Tensor] | None:
+            if self._paused or grad is None:
+                return None
+            return (project_out(grad, q.like(grad)),)
+
+        return project_grad
+
     @property
     def attached(self) -> bool:
         return self._attached
@@ -137,7 +113,7 @@ class Intervention:
             hook_dict = self.model.hook_dict if specs else {}
             for name, direction, fn in specs:
                 hp = hook_dict[name]
-                self._handles.append((hp, direction, _add_hook(self.model, hp, name, fn, direction)))
+                self._handles.append((hp, direction, add_hook(self.model, hp, name, fn, direction)))
             self._on_attach()
         except BaseException:
             self._remove_handles()
@@ -156,15 +132,7 @@ class Intervention:
             unregister_active(self.model, self)
 
     def _remove_handles(self) -> None:
-        errors = []
-        while self._handles:
-            hp, direction, handle = self._handles.pop()
-            try:
-                _remove_hook(hp, direction, handle)
-            except Exception as e:  # keep removing the rest; report the first failure
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        remove_hooks(self._handles)
 
     def _keep(self, hp: Any, direction: str, handle: Any) -> None:
         """Hold a handle for removal: ``(hook point, "fwd" | "bwd", LensHandle)`` or ``(None, "module", RemovableHandle)``."""

@@ -34,10 +34,10 @@ from torch import Tensor
 
 from ..directions import Direction
 from ..errors import ConfigError, ShapeError
-from ..hooks import EarlyStop, eval_mode
+from ..hooks import Cast, EarlyStop, add_hook, eval_mode
 from ..registry import MODES
 from ..sites import all_modules, hook_name
-from .base import Intervention, _add_hook, _Cast, _check_forward_site, _components, _reference_rows
+from .base import Intervention, _check_forward_site, _components, _reference_rows
 
 __all__ = ["Clamp"]
 
@@ -130,7 +130,7 @@ class Clamp(Intervention):
         return out
 
     def _make_hook(self, i: int, v: Tensor, c: float | None) -> Callable:
-        vc = _Cast(v)
+        vc = Cast(v)
 
         def clamp(x: Float[Tensor, "batch pos d_model"], hook: Any) -> Tensor | None:
             if self._paused:
@@ -168,7 +168,7 @@ class Clamp(Intervention):
             name = hook_name(ref, site, layer)
             hp = ref.hook_dict[name]
             self._keep(
-                hp, "fwd", _add_hook(ref, hp, name, self._make_reader(i, self.direction[layer], i == last), "fwd")
+                hp, "fwd", add_hook(ref, hp, name, self._make_reader(i, self.direction[layer], i == last), "fwd")
             )
         self._keep(None, "module", self.model.register_forward_pre_hook(self._capture, with_kwargs=True))
         self._keep(None, "module", self.model.register_forward_hook(self._release, always_call=True))
@@ -179,7 +179,7 @@ class Clamp(Intervention):
         self._ref_modules = []
 
     def _make_reader(self, i: int, v: Tensor, stop: bool) -> Callable:
-        vc = _Cast(v)
+        vc = Cast(v)
 
         def read(x: Float[Tensor, "batch pos d_model"], hook: Any) -> None:
             if self._sink is None:  # the reference used on its own, outside the clamp's forward: inert

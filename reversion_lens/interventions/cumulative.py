@@ -26,7 +26,7 @@ from torch import Tensor
 from ..directions import Direction, Subspace, as_subspace
 from ..registry import MODES
 from ..sites import hook_name, n_layers
-from .base import Intervention, _Cast, _orthonormal, project_out
+from .base import Intervention, _orthonormal
 
 __all__ = ["CumulativeGradBlock", "cumulative_spans", "EMBED"]
 
@@ -71,25 +71,15 @@ class CumulativeGradBlock(Intervention):
         self.spans = cumulative_spans(self.subspace, n_layers(model), self.shared)
 
     def _hook_specs(self) -> list[tuple[str, str, Callable]]:
-        specs = [(hook_name(self.model, "resid_pre", 0), "bwd", self._make_hook(self.spans[EMBED]))]
+        specs = [(hook_name(self.model, "resid_pre", 0), "bwd", self._grad_hook(self.spans[EMBED]))]
         for j, basis in self.spans.items():
             if j == EMBED:
                 continue
             for site in ("attn_out", "mlp_out"):
                 name = f"blocks.{j}.hook_{site}"
                 if name in self.model.hook_dict:  # attention-only models have no mlp_out
-                    specs.append((hook_name(self.model, site, j), "bwd", self._make_hook(basis)))
+                    specs.append((hook_name(self.model, site, j), "bwd", self._grad_hook(basis)))
         return specs
-
-    def _make_hook(self, basis: Tensor) -> Callable:
-        q = _Cast(basis)
-
-        def project_grad(grad: Tensor, hook: Any) -> tuple[Tensor] | None:
-            if self._paused or grad is None:
-                return None
-            return (project_out(grad, q.like(grad)),)
-
-        return project_grad
 
     def _options(self) -> dict[str, Any]:
         return {

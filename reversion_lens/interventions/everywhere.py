@@ -23,7 +23,7 @@ from ..errors import ConfigError, DirectionError
 from ..registry import MODES
 from ..sites import hook_name, n_layers
 from ..steering import EVERYWHERE_SITES
-from .base import Intervention, _Cast, project_out
+from .base import Intervention
 
 __all__ = ["GradEverywhere", "shared_vector"]
 
@@ -66,18 +66,8 @@ class GradEverywhere(Intervention):
         for layer in range(n_layers(self.model)):
             for site in EVERYWHERE_SITES:
                 if f"blocks.{layer}.hook_{site}" in self.model.hook_dict:
-                    specs.append((hook_name(self.model, site, layer), "bwd", self._make_hook(q)))
+                    specs.append((hook_name(self.model, site, layer), "bwd", self._grad_hook(q)))
         return specs
-
-    def _make_hook(self, basis: Tensor) -> Callable:
-        q = _Cast(basis)
-
-        def project_grad(grad: Tensor, hook: Any) -> tuple[Tensor] | None:
-            if self._paused or grad is None:
-                return None
-            return (project_out(grad, q.like(grad)),)
-
-        return project_grad
 
     def _options(self) -> dict[str, Any]:
         cos = (self.direction.vectors.double() @ self.vector.double()).tolist()

@@ -25,7 +25,6 @@ class ExactCumulativeBlock(CumulativeUpdateBlock):
 
     mode = "grad-cum-exact"
     _hook_specs = CumulativeGradBlock._hook_specs
-    _make_hook = CumulativeGradBlock._make_hook
 
 
 MODES.register(

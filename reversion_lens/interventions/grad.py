@@ -15,13 +15,10 @@ and inside the blocked layer (LayerNorm, Q/K/V, MLP input) change what the writi
 """
 
 from collections.abc import Callable
-from typing import Any
-
-from torch import Tensor
 
 from ..registry import MODES
 from ..sites import residual_write_hooks
-from .base import Intervention, _Cast, _grouped_projections, project_out
+from .base import Intervention, _grouped_projections
 
 __all__ = ["GradBlock"]
 
@@ -34,19 +31,9 @@ class GradBlock(Intervention):
     def _hook_specs(self) -> list[tuple[str, str, Callable]]:
         names = {layer: residual_write_hooks(self.model, layer) for layer in self.layers}
         return [
-            (name, "bwd", self._make_hook(basis))
+            (name, "bwd", self._grad_hook(basis))
             for name, basis in _grouped_projections(self.model, names, self.direction)
         ]
-
-    def _make_hook(self, basis: Tensor) -> Callable:
-        q = _Cast(basis)
-
-        def project_grad(grad: Tensor, hook: Any) -> tuple[Tensor] | None:
-            if self._paused or grad is None:
-                return None
-            return (project_out(grad, q.like(grad)),)
-
-        return project_grad
 
 
 MODES.register(

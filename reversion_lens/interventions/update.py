@@ -39,15 +39,15 @@ adapters are refused.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..directions import Direction, Subspace, as_subspace
-from ..errors import ConfigError, SiteError
+from ..errors import ConfigError
 from ..lora import lora_layers, lora_residual_writers
-from ..orthogonalize import embeddings_tied, residual_writers, untie_embeddings
+from ..orthogonalize import _axis, _writer_module, embeddings_tied, residual_writers, untie_embeddings
 from ..registry import MODES
 from ..sites import check_layers, n_layers
 from .base import Intervention
@@ -72,79 +72,49 @@ def residual_write_params(
         if layer == 0:
             labels = ["embed", "pos_embed", *labels]
         for label in labels:
-            mod = _get_module(model, label)
-            if mod is None:
-                optional = label == "pos_embed" or (
-                    label.endswith("mlp.out") and getattr(model.cfg, "attn_only", False)
-                )
-                if optional:  # rotary models have no position embedding, attention-only ones no MLP
-                    continue
-                raise SiteError(
-                    f"{type(model).__name__} has no module {label!r}; the update block supports TransformerLens 4 "
-                    "bridges (blocks.{l}.attn.o, blocks.{l}.mlp.out, embed, pos_embed). Use mode='grad' instead."
-                )
-            inner = getattr(mod, "original_component", None) or mod
+            inner = _writer_module(model, label, _UNSUPPORTED)
+            if inner is None:
+                continue
             for pname in ("weight", "bias"):
                 p = getattr(inner, pname, None)
                 if isinstance(p, torch.nn.Parameter) and p.requires_grad:
-                    out.append((f"{label}.{pname}", layer, p, _d_model_axis(inner, p, D, label)))
+                    out.append((f"{label}.{pname}", layer, p, _axis(inner, p, D, label, "; use mode='grad'")))
     return out
 
 
-def _get_module(model: Any, path: str) -> Any:
-    obj = model
-    for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+_UNSUPPORTED = (
+    "the update block supports TransformerLens 4 bridges (blocks.{l}.attn.o, blocks.{l}.mlp.out, embed, "
+    "pos_embed). Use mode='grad' instead."
+)
 
 
-def _d_model_axis(module: torch.nn.Module, p: Tensor, D: int, label: str) -> int:
-    if p.ndim == 1:
-        axis = 0
-    elif isinstance(module, torch.nn.Linear):
-        axis = 0
-    elif isinstance(module, torch.nn.Embedding) or type(module).__name__ == "Conv1D":
-        axis = 1
-    else:
-        axes = [i for i, n in enumerate(p.shape) if n == D]
-        if len(axes) != 1:
-            raise SiteError(f"cannot tell which axis of {label} {tuple(p.shape)} is d_model={D}; use mode='grad'.")
-        axis = axes[0]
-    if p.shape[axis] != D:
-        raise SiteError(f"{label} has shape {tuple(p.shape)}; expected d_model={D} on axis {axis}.")
-    return axis
+class _PinnedWriters(Intervention):
+    """What both update blocks share: ``params`` rows ``(label, layer, parameter, d_model axis)``, each with a
+    component (:meth:`_component` along :meth:`_basis`) pinned at attach and restored after every optimizer
+    step (:meth:`after_step`, called by the loop or, with ``optimizer``, as its step post-hook)."""
 
+    state_name: ClassVar[str]  # for the error of a state from another run
+    params: list[tuple[str, int, torch.nn.Parameter, int]]
+    optimizer: torch.optim.Optimizer | None
+    _pinned: list[Tensor]
+    _opt_handle: Any
 
-def _v_component(p: Tensor, v: Tensor, axis: int) -> Tensor:
-    return torch.tensordot(v, p, dims=([0], [0])) if axis == 0 else p @ v
+    def _basis(self, layer: int, p: Tensor) -> Tensor:
+        """The pinned vector (or orthonormal rows) of a writer of ``layer``, on ``p``'s device and dtype."""
+        raise NotImplementedError
 
+    @staticmethod
+    def _component(p: Tensor, basis: Tensor, axis: int) -> Tensor:
+        raise NotImplementedError
 
-class UpdateBlock(Intervention):
-    """``update``: keep ``v^T W`` of residual-writing weights fixed across optimizer steps."""
-
-    mode = "update"
-
-    def __init__(
-        self,
-        model: Any,
-        direction: Direction,
-        layers: Sequence[int] | int | None = None,
-        *,
-        optimizer: torch.optim.Optimizer | None = None,
-    ):
-        super().__init__(model, direction, layers)
-        self.params = residual_write_params(model, self.layers)
-        self.optimizer = optimizer
-        self._pinned: list[Tensor] = []
-        self._opt_handle: Any = None
+    @staticmethod
+    def _subtract(p: Tensor, basis: Tensor, excess: Tensor, axis: int) -> None:
+        """Remove ``excess`` (the component's change) from ``p``, in place."""
+        raise NotImplementedError
 
     def _on_attach(self) -> None:
         with torch.no_grad():
-            self._pinned = [
-                _v_component(p, self.direction[layer].to(p), axis).clone() for _, layer, p, axis in self.params
-            ]
+            self._pinned = [self._component(p, self._basis(j, p), axis).clone() for _, j, p, axis in self.params]
         if self.optimizer is not None:
             self._opt_handle = self.optimizer.register_step_post_hook(lambda opt, *_: self.after_step(self.model, opt))
 
@@ -157,13 +127,9 @@ class UpdateBlock(Intervention):
     def after_step(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
         if self._paused or not self._attached:
             return
-        for (_, layer, p, axis), c in zip(self.params, self._pinned):
-            v = self.direction[layer].to(p)
-            excess = _v_component(p, v, axis) - c
-            if axis == 0:
-                p.sub_(v.reshape(-1, *([1] * (p.ndim - 1))) * excess)
-            else:
-                p.sub_(excess[:, None] * v)
+        for (_, j, p, axis), c in zip(self.params, self._pinned):
+            basis = self._basis(j, p)
+            self._subtract(p, basis, self._component(p, basis, axis) - c, axis)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {label: c for (label, *_), c in zip(self.params, self._pinned)}
@@ -172,9 +138,43 @@ class UpdateBlock(Intervention):
         labels = [label for label, *_ in self.params]
         if sorted(state) != sorted(labels):
             raise ConfigError(
-                f"update-block state holds {sorted(state)}, expected {sorted(labels)}; it is from another run."
+                f"{self.state_name} state holds {sorted(state)}, expected {sorted(labels)}; it is from another run."
             )
         self._pinned = [state[label].to(p) for label, _, p, _ in self.params]
+
+
+class UpdateBlock(_PinnedWriters):
+    """``update``: keep ``v^T W`` of residual-writing weights fixed across optimizer steps."""
+
+    mode = "update"
+    state_name = "update-block"
+
+    def __init__(
+        self,
+        model: Any,
+        direction: Direction,
+        layers: Sequence[int] | int | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        super().__init__(model, direction, layers)
+        self.params = residual_write_params(model, self.layers)
+        self.optimizer = optimizer
+        self._pinned, self._opt_handle = [], None
+
+    def _basis(self, layer: int, p: Tensor) -> Tensor:
+        return self.direction[layer].to(p)
+
+    @staticmethod
+    def _component(p: Tensor, v: Tensor, axis: int) -> Tensor:
+        return torch.tensordot(v, p, dims=([0], [0])) if axis == 0 else p @ v
+
+    @staticmethod
+    def _subtract(p: Tensor, v: Tensor, excess: Tensor, axis: int) -> None:
+        if axis == 0:
+            p.sub_(v.reshape(-1, *([1] * (p.ndim - 1))) * excess)
+        else:
+            p.sub_(excess[:, None] * v)
 
 
 MODES.register(
@@ -193,12 +193,7 @@ def writer_layer(label: str) -> int:
     return int(label.split(".")[1])
 
 
-def _pin(p: Tensor, q: Tensor, axis: int) -> Tensor:
-    """``Q W`` along ``axis`` (the d_model axis): ``[r, ...]`` for axis 0, ``[..., r]`` for axis 1."""
-    return torch.tensordot(q, p, dims=([1], [0])) if axis == 0 else p @ q.T
-
-
-class CumulativeUpdateBlock(Intervention):
+class CumulativeUpdateBlock(_PinnedWriters):
     """``update-cum``: keep ``U_j^T W`` of every residual writer of layer ``j`` fixed across optimizer steps.
 
     Args:
@@ -211,6 +206,7 @@ class CumulativeUpdateBlock(Intervention):
     """
 
     mode = "update-cum"
+    state_name = "update-cum"
 
     def __init__(self, model: Any, direction: Direction | Subspace, layers: Sequence[int] | int | None = None, *,
                  optimizer: torch.optim.Optimizer | None = None, tied: str = "keep", shared: bool = False):  # fmt: skip
@@ -239,44 +235,27 @@ class CumulativeUpdateBlock(Intervention):
         else:
             writers = [(w.label, writer_layer(w.label), w.parameter, w.axis) for w in residual_writers(model)]
         self.params = [w for w in writers if w[1] in self.spans]
-        self._pinned: list[Tensor] = []
-        self._opt_handle: Any = None
+        self._pinned, self._opt_handle = [], None
 
     def _on_attach(self) -> None:
         if self.tied == "untie":
             untie_embeddings(self.model)
-        with torch.no_grad():
-            self._pinned = [_pin(p, self.spans[j].to(p), axis).clone() for _, j, p, axis in self.params]
-        if self.optimizer is not None:
-            self._opt_handle = self.optimizer.register_step_post_hook(lambda opt, *_: self.after_step(self.model, opt))
+        super()._on_attach()
 
-    def _on_remove(self) -> None:
-        if self._opt_handle is not None:
-            self._opt_handle.remove()
-            self._opt_handle = None
+    def _basis(self, layer: int, p: Tensor) -> Tensor:
+        return self.spans[layer].to(p)
 
-    @torch.no_grad()
-    def after_step(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
-        if self._paused or not self._attached:
-            return
-        for (_, j, p, axis), c in zip(self.params, self._pinned):
-            q = self.spans[j].to(p)
-            excess = _pin(p, q, axis) - c
-            if axis == 0:
-                p.sub_(torch.tensordot(q, excess, dims=([0], [0])))
-            else:
-                p.sub_(excess @ q)
+    @staticmethod
+    def _component(p: Tensor, q: Tensor, axis: int) -> Tensor:
+        """``Q W`` along ``axis`` (the d_model axis): ``[r, ...]`` for axis 0, ``[..., r]`` for axis 1."""
+        return torch.tensordot(q, p, dims=([1], [0])) if axis == 0 else p @ q.T
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {label: c for (label, *_), c in zip(self.params, self._pinned)}
-
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        labels = [label for label, *_ in self.params]
-        if sorted(state) != sorted(labels):
-            raise ConfigError(
-                f"update-cum state holds {sorted(state)}, expected {sorted(labels)}; it is from another run."
-            )
-        self._pinned = [state[label].to(p) for label, _, p, _ in self.params]
+    @staticmethod
+    def _subtract(p: Tensor, q: Tensor, excess: Tensor, axis: int) -> None:
+        if axis == 0:
+            p.sub_(torch.tensordot(q, excess, dims=([0], [0])))
+        else:
+            p.sub_(excess @ q)
 
     def _options(self) -> dict[str, Any]:
         return {"shared": self.shared, "tied": self.tied, "k": self.subspace.k, "writers": len(self.params),

@@ -12,7 +12,7 @@ seen in any phase (pretraining included), and probes never overlap evaluation or
 """
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ..data import next_token_scores, shifted_labels
 from ..errors import ConfigError, ProbeError
 from ..probes import ProbeSet, pad_sequences
 from ..training import Batch
@@ -341,33 +342,30 @@ def judge(example: Example, response: Sequence[int]) -> Verdict:
     return Verdict(harmful, response == example.response_ids(refuse=False))
 
 
-@torch.inference_mode()
-def response_loss(model: object, examples: Sequence[Example], batch_size: int = 256) -> float:
-    """Mean cross-entropy per response token (answer and EOS), teacher-forced, over ``examples``."""
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
+def _forward(model: object, examples: Sequence[Example], batch_size: int) -> Iterator[tuple[Tensor, Batch]]:
+    """``(logits, batch)`` per ``batch_size`` examples: the model's logits on the whole conversations (its
+    own response or refusal, teacher-forced), for :mod:`reversion_lens.data`'s masked next-token scores."""
     device = next(model.parameters()).device  # type: ignore[attr-defined]
     for start in range(0, len(examples), batch_size):
         b = make_batch(examples[start : start + batch_size], width=0)
-        toks = b.tokens.to(device)
-        logits = model(toks, attention_mask=b.attention_mask.to(device))  # type: ignore[operator]
-        labels = toks[:, 1:].masked_fill(b.loss_mask[:, 1:].to(device) == 0, -100)
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        total += float(ce)
-        count += int((labels != -100).sum())
+        yield model(b.tokens.to(device), attention_mask=b.attention_mask.to(device)), b  # type: ignore[operator]
+
+
+def _correct(examples: Sequence[Example]) -> list[Example]:
+    """Each example with its correct answer as the response (never a refusal): what the accuracy and the KL
+    are teacher-forced on."""
+    return [ex._replace(refuse=False) for ex in examples]
+
+
+@torch.inference_mode()
+def response_loss(model: object, examples: Sequence[Example], batch_size: int = 256) -> float:
+    """Mean cross-entropy per response token (answer and EOS), teacher-forced, over ``examples``."""
+    total, count = 0.0, 0
+    for logits, b in _forward(model, examples, batch_size):
+        ce, _, n = next_token_scores(logits, b)
+        total += ce
+        count += n
     return total / count
-
-
-def _teacher_forced(model: object, examples: Sequence[Example], batch_size: int):
-    """``(logits, labels)`` per batch: next-token logits at every position and the correct response
-    token to predict there (``-100`` where nothing is scored: prompt and padding)."""
-    device = next(model.parameters()).device  # type: ignore[attr-defined]
-    for start in range(0, len(examples), batch_size):
-        b = make_batch([ex._replace(refuse=False) for ex in examples[start : start + batch_size]], width=0)
-        toks = b.tokens.to(device)
-        logits = model(toks, attention_mask=b.attention_mask.to(device))  # type: ignore[operator]
-        yield logits[:, :-1].float(), toks[:, 1:].masked_fill(b.loss_mask[:, 1:].to(device) == 0, -100)
 
 
 @torch.inference_mode()
@@ -380,9 +378,10 @@ def response_kl(model: object, reference: object, examples: Sequence[Example], b
     the ``grad`` block of v_rev (paired ratio 0.73, t = -7.4 on its log), while task accuracy is 100%.
     """
     total, count = 0.0, 0
-    for (lm, labels), (lr, _) in zip(_teacher_forced(model, examples, batch_size),
-                                      _teacher_forced(reference, examples, batch_size)):  # fmt: skip
-        keep = labels != -100
+    examples = _correct(examples)
+    for (lm, b), (lr, _) in zip(_forward(model, examples, batch_size), _forward(reference, examples, batch_size)):
+        keep = shifted_labels(b, lm.device) != -100
+        lm, lr = lm[:, :-1].float(), lr[:, :-1].float()
         lp_m, lp_r = lm[keep].log_softmax(-1), lr.to(lm.device)[keep].log_softmax(-1)
         total += float((lp_r.exp() * (lp_r - lp_m)).sum())
         count += int(keep.sum())
@@ -393,10 +392,10 @@ def response_kl(model: object, reference: object, examples: Sequence[Example], b
 def token_accuracy(model: object, examples: Sequence[Example], batch_size: int = 256) -> float:
     """Share of response tokens (answer digits and EOS) predicted by argmax, teacher-forced."""
     right, count = 0, 0
-    for logits, labels in _teacher_forced(model, examples, batch_size):
-        keep = labels != -100
-        right += int((logits.argmax(-1)[keep] == labels[keep]).sum())
-        count += int(keep.sum())
+    for logits, b in _forward(model, _correct(examples), batch_size):
+        _, r, n = next_token_scores(logits, b)
+        right += r
+        count += n
     return right / count
 
 
