@@ -164,7 +164,7 @@ def residual_stats(
         if not torch.isfinite(vec).all():
             raise NonFiniteError(
                 f"non-finite activations at layer {layers_t[i]} ({site}) in probe batch {state['batch']} "
-                f"(prompts {state['index'][0]}..{state['index'][-1]}); check the checkpoint's weights and "
+                f"(prompts {_rows(state['index'])}); check the checkpoint's weights and "
                 "the dtype (bfloat16/float16 overflow?). No statistics were written."
             )
         total[i] += vec.sum(0)
@@ -199,6 +199,12 @@ def residual_stats(
     info = dict(meta or {})
     info.setdefault("probes", probes.describe())
     return ResidStats(total, len(probes), layers_t, site, second, per_prompt, info)
+
+
+def _rows(index: list[int]) -> str:
+    """A batch's probe-set rows for a message (grouped by length, they need not be consecutive)."""
+    shown = ", ".join(map(str, index[:8]))
+    return shown + (f", ... ({len(index)} prompts)" if len(index) > 8 else "")
 
 
 def _device(model: Any) -> torch.device:

@@ -6,7 +6,6 @@ through it and drops it before loading the next. All checkpoints of a history mu
 :class:`~reversion_lens.errors.IncompatibleCheckpointsError` naming both checkpoints.
 """
 
-import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 from .activations import ResidStats, residual_stats
 from .directions import Direction, chain, mean_difference, principal_component
 from .errors import IncompatibleCheckpointsError, ReversionLensError
-from .models import hf_signature, load_hf, load_native, native_signature
+from .models import hf_signature, load_hf, load_native, native_signature, release_memory
 from .probes import ProbeSet
 from .sites import model_signature
 
@@ -138,7 +137,7 @@ class History:
             meta = {"checkpoint": name, "source": self[name].source, **extra_meta}
             out[name] = residual_stats(model, probes, meta=meta, **kwargs)
             del model
-            gc.collect()
+            release_memory()  # the next checkpoint loads into the memory this one held
         return out
 
     def direction(

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as _st_load_bytes
 from safetensors.torch import save as _st_save_bytes
 
 from .errors import ResultsFormatError, UnsafeLoadError
@@ -123,21 +122,52 @@ def save_tensors(
 
     The metadata also records ``format_version`` and a ``sha256`` of the tensors and the metadata, which
     :func:`load_tensors` checks: a flipped bit is an error, not a wrong number.
+
+    The file is streamed from the tensors' own memory (no serialised copy of the whole file is built: a
+    model's optimizer state is twice its weights), in the byte layout ``safetensors.torch.save`` gives,
+    with the metadata sorted so the same tensors and metadata always give the same bytes.
     """
     tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     meta = {"format_version": str(FORMAT_VERSION)}
     for k, v in (metadata or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, default=_json_default, sort_keys=True)
     meta["sha256"] = _content_hash(tensors, meta)
-    raw = _st_save_bytes(tensors, metadata=meta)
-    # safetensors writes the metadata in hash-map order, which changes from call to call; rewrite the header
-    # with sorted metadata so the same tensors and metadata always give the same bytes.
+    head, order = _st_header(tensors, meta)
+    chunks = [_raw_bytes(tensors[k]) for k in order]
+    return atomic_write_bytes(path, head, *chunks)
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _st_header(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> tuple[bytes, list[str]]:
+    """The safetensors header (8-byte length + JSON, 8-byte aligned) and the tensors' order in the data.
+
+    safetensors decides the order (by dtype, then name) and the dtype names: it serialises empty stand-ins
+    of the same names and dtypes (and checks the real tensors as it would before saving them, e.g. for
+    shared memory); the offsets come from the real sizes.
+    """
+    with contextlib.suppress(ImportError):
+        from safetensors.torch import _evaluate_tensors_for_save
+
+        _evaluate_tensors_for_save(dict(tensors))
+    stand_ins = {k: torch.empty(0, dtype=t.dtype) for k, t in tensors.items()}
+    raw = _st_save_bytes(stand_ins, metadata=dict(meta))
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    layout = json.loads(raw[8 : 8 + n])
+    order = [k for k in layout if k != "__metadata__"]
+    header: dict[str, Any] = {"__metadata__": dict(sorted(layout.get("__metadata__", {}).items()))}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": layout[k]["dtype"], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data stays 8-byte aligned, as safetensors writes it
-    return atomic_write_bytes(path, len(head).to_bytes(8, "little") + head, memoryview(raw)[8 + n :])
+    return len(head).to_bytes(8, "little") + head, order
 
 
 def _corrupted(path: Path, why: str) -> ResultsFormatError:
@@ -158,19 +188,9 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    raw = path.read_bytes()
     try:
-        if len(raw) < 8:
-            raise ValueError(f"{len(raw)} bytes, shorter than the 8-byte header length")
-        n = int.from_bytes(raw[:8], "little")
-        if 8 + n > len(raw):
-            raise ValueError(f"the header claims {n} bytes but the file has {len(raw) - 8} after the length")
-        header = json.loads(raw[8 : 8 + n])
-        meta_raw = header.get("__metadata__") or {}
-        if not isinstance(meta_raw, dict):
-            raise ValueError("__metadata__ is not a table")
-        tensors = _st_load_bytes(raw)
-    except Exception as e:  # safetensors and json raise several types on bad bytes
+        tensors, meta_raw = _st_read(path)
+    except Exception as e:  # json, struct and our own checks raise several types on bad bytes
         raise _corrupted(path, f"{type(e).__name__}: {e}") from e
     if "sha256" in meta_raw and meta_raw["sha256"] != _content_hash(tensors, meta_raw):
         raise _corrupted(path, "its contents do not match the sha256 recorded when it was written")
@@ -190,6 +210,56 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             f"(format {FORMAT_VERSION}). Upgrade reversion_lens, or regenerate the file."
         )
     return tensors, meta
+
+
+# safetensors' dtype names (its format spec) -> the torch dtypes this torch has.
+_ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+             "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+             "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+             "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64"}  # fmt: skip
+_ST_DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _ST_NAMES.items() if hasattr(torch, v)}
+
+
+def _st_read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file into fresh tensors, each straight from the file (one open file: a file
+    replaced meanwhile is read whole, old or new; no copy of the file is held), checking the layout as
+    safetensors does: a JSON header, known dtypes, offsets that tile the data exactly."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        first = f.read(8)
+        if len(first) < 8:
+            raise ValueError(f"{len(first)} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(first, "little")
+        if 8 + n > size:
+            raise ValueError(f"the header claims {n} bytes but the file has {size - 8} after the length")
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a table")
+        meta_raw = header.pop("__metadata__", None) or {}
+        if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
+            raise ValueError("__metadata__ is not a table of strings")
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if isinstance(kv[1], dict) else -1)
+        tensors: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, info in entries:
+            if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+                raise ValueError(f"tensor {name!r}: malformed entry {info!r}")
+            dtype = _ST_DTYPES.get(info["dtype"])
+            shape, (start, stop) = info["shape"], info["data_offsets"]
+            if dtype is None:
+                raise ValueError(f"tensor {name!r}: unknown dtype {info['dtype']!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+            t = torch.empty(shape, dtype=dtype)
+            if start != offset or stop - start != t.numel() * t.element_size():
+                raise ValueError(f"tensor {name!r}: data offsets {[start, stop]} do not tile the data")
+            if t.numel() and f.readinto(_raw_bytes(t)) != stop - start:
+                raise ValueError(f"tensor {name!r}: the file ends inside its data")
+            tensors[name] = t
+            offset = stop
+        if 8 + n + offset != size:
+            raise ValueError(f"the data is {size - 8 - n} bytes, the header describes {offset}")
+    return tensors, meta_raw
 
 
 def _refusal_reason(e: BaseException) -> str:

@@ -12,6 +12,7 @@ Only safetensors (or ``torch.load(weights_only=True)``) is ever read.
 """
 
 import functools
+import gc
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "is_hf_dir",
     "dir_signature",
     "parse_dtype",
+    "release_memory",
     "DTYPES",
 ]
 
@@ -59,6 +61,29 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``; elsewhere a no-op).
+
+    Call it after dropping a model: glibc keeps freed memory in its arenas, so without it a process that
+    streams checkpoints one at a time holds the last one's leftovers while it loads the next.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return None
 
 
 def hf_module_name(path: str) -> str:

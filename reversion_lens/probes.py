@@ -239,17 +239,37 @@ class ProbeSet:
                 "(e.g. pad_id=0 or the EOS id)."
             )
 
-    def batches(self, batch_size: int = 32) -> Iterator[ProbeBatch]:
-        """Batches in order, each trimmed to the columns holding real tokens."""
+    def batches(self, batch_size: int = 32, *, by_length: bool = True) -> Iterator[ProbeBatch]:
+        """Batches of at most ``batch_size`` prompts, each trimmed to the columns holding real tokens.
+
+        ``by_length`` (default): the prompts are sorted by length (stably) and cut into consecutive
+        chunks, shortest first, so a batch pays only for the padding of prompts of similar length; inside
+        a batch the rows keep their probe-set order, and a probe set that fits in one batch is one batch in
+        order. ``by_length=False``: consecutive prompts in probe-set order. Either way each batch's
+        ``index`` holds its rows' indices into the probe set: place per-prompt outputs with it.
+        """
         if batch_size < 1:
             raise ProbeError(f"batch_size must be >= 1, got {batch_size}.")
         weights = self.read_weights()
-        for start in range(0, len(self), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(self)))
+        n = len(self)
+        if by_length and n > batch_size:
+            order = torch.sort(self.lengths, stable=True).indices
+            chunks = [order[s : s + batch_size].sort().values for s in range(0, n, batch_size)]
+        else:
+            chunks = [torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        for idx in chunks:
             mask = self.attention_mask[idx]
             cols = mask.any(0).nonzero().squeeze(1)
             lo, hi = int(cols.min()), int(cols.max()) + 1
             yield ProbeBatch(self.tokens[idx, lo:hi], mask[:, lo:hi], weights[idx, lo:hi], idx)
+
+    def padded_fraction(self, batch_size: int = 32, *, by_length: bool = True) -> float:
+        """The share of the token positions in :meth:`batches` that are padding (what a forward pays for nothing)."""
+        total = real = 0
+        for b in self.batches(batch_size, by_length=by_length):
+            total += b.attention_mask.numel()
+            real += int(b.attention_mask.sum())
+        return 1.0 - real / total
 
     def subset(self, index: Sequence[int] | Tensor) -> "ProbeSet":
         idx = torch.as_tensor(index, dtype=torch.long)

@@ -281,13 +281,21 @@ def matched_null_samples(cov: Covariances, v: Vectors, n: int, seed: int = 0) ->
     batch = torch.broadcast_shapes(evals.shape[:-1], v_unit.shape[:-1])
     sd = evals.sqrt().expand(*batch, -1)  # [*batch, d]
     w = sd * (evecs.transpose(-1, -2) @ v_unit.unsqueeze(-1)).squeeze(-1)  # z·v̂ = g·w, |z|² = Σ λ g²
-    d, gen, out = sd.shape[-1], _generator(seed, sd.device), []
-    chunk = max(1, _CHUNK_ELEMENTS // (d * max(1, math.prod(batch))))
+    d, gen, rows = sd.shape[-1], _generator(seed, sd.device), max(1, math.prod(batch))
+    chunk = max(1, min(n, _CHUNK_ELEMENTS // (d * rows)))
+    # The draws and their scaled copy live in two buffers reused chunk after chunk. A fresh pair per chunk
+    # (each just under glibc's largest mmap threshold) made the heap grow by gigabytes over 20000 draws
+    # once anything had raised that threshold (scipy does): 2.7 GB for 30 layers x 576 (bench_memory.py).
+    draws = sd.new_empty(rows * chunk * d)
+    scaled = sd.new_empty(rows * chunk * d)
+    out = sd.new_empty((*batch, n))
     for start in range(0, n, chunk):
-        g = torch.randn(*batch, min(chunk, n - start), d, generator=gen, dtype=torch.float64, device=sd.device)
-        znorm = (g * sd.unsqueeze(-2)).norm(dim=-1)
-        out.append(((g @ w.unsqueeze(-1)).squeeze(-1) / znorm.clamp_min(MIN_NORM)).clamp(-1.0, 1.0))
-    return torch.cat(out, dim=-1) if out else sd.new_zeros((*batch, 0))
+        m = min(chunk, n - start)
+        g = draws[: rows * m * d].view(*batch, m, d)
+        torch.randn(g.shape, generator=gen, dtype=torch.float64, device=sd.device, out=g)
+        znorm = torch.mul(g, sd.unsqueeze(-2), out=scaled[: rows * m * d].view(*batch, m, d)).norm(dim=-1)
+        out[..., start : start + m] = ((g @ w.unsqueeze(-1)).squeeze(-1) / znorm.clamp_min(MIN_NORM)).clamp(-1.0, 1.0)
+    return out
 
 
 def matched_quantile(

@@ -87,7 +87,8 @@ def test_nonfinite_statistics_stop_naming_layer_and_batch_and_are_never_held(tmp
     model = make_native()
     _nan_from_batch(model, layer=1, batch=1)
     probes = rl.ProbeSet.from_tokens(random_seqs(6, vocab=V))
-    where = r"layer 1 \(resid_post\) in probe batch 1 \(prompts 3..5\).*No statistics were written"
+    rows = ", ".join(map(str, list(probes.batches(3))[1].index.tolist()))  # grouped by length: its rows by index
+    where = rf"layer 1 \(resid_post\) in probe batch 1 \(prompts {rows}\).*No statistics were written"
     with pytest.raises(NonFiniteError, match=where):
         rl.residual_stats(model, probes, batch_size=3)
     model.reset_hooks()

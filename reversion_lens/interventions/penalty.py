@@ -60,7 +60,8 @@ class Penalty(Intervention):
                 self.scale = (_components(base_rows, self.direction) - self.reference).abs()
             if (self.scale < 1e-12).any():
                 raise ShapeError("base and reference coincide at some layer; no reversion scale is defined there.")
-        self._batches = list(probes.batches(batch_size or len(probes)))
+        # In probe-set order: step k's penalty batch is a fixed, length-mixed slice of the probes, as it always was.
+        self._batches = list(probes.batches(batch_size or len(probes), by_length=False))
 
     def projections(self, model: Any, step: int = 0) -> Float[Tensor, " layer"]:
         """Per-layer ``r_l`` on probe batch ``step % n_batches`` (differentiable)."""
