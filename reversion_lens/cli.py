@@ -62,7 +62,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_text_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompts")
     g.add_argument(
-        "--prompt-field", default="prompt", help="field (column) holding the prompt in JSONL / CSV / data sets"
+        "--prompt-field",
+        default=None,
+        help="field (column) holding the prompt in JSONL / CSV / data sets (default: 'prompt'; HarmBench: 'Behavior')",
     )
     g.add_argument("--where", help="keep only rows with COLUMN=VALUE (CSV / JSONL), e.g. FunctionalCategory=standard")
     g.add_argument("--limit", type=int, help="use only the first N prompts")
@@ -186,11 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- shared
-def _source(path: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    src: dict[str, Any] = {"path": str(path), "field": args.prompt_field, **extra}
-    if getattr(args, "where", None):
+def _source(path: str, args: argparse.Namespace, prompts: bool = True, **extra: Any) -> dict[str, Any]:
+    """A source table; ``--where`` and ``--limit`` select prompts, never fine-tuning or held-out examples."""
+    src: dict[str, Any] = {"path": str(path), **extra}
+    if args.prompt_field is not None:  # else the source's own default ('prompt'; 'Behavior' for harmbench:)
+        src["field"] = args.prompt_field
+    if prompts and getattr(args, "where", None):
         src["where"] = args.where
-    if getattr(args, "limit", None) is not None:
+    if prompts and getattr(args, "limit", None) is not None:
         src["limit"] = args.limit
     return src
 
@@ -343,16 +348,16 @@ def cmd_track(args: argparse.Namespace) -> int:
         )
     probes = {**old["probes"], **{k: v for k, v in probes.items() if k != "path"}, "path": old["probes"]["path"]}
     params = {**{k: old[k] for k in ("base", "chat", "system", "probe_batch_size") if k in old},
-              "aligned": args.model, "probes": probes, "finetune": _source(args.data, args, response_field=args.response_field),
+              "aligned": args.model, "probes": probes, "finetune": _source(args.data, args, prompts=False, response_field=args.response_field),
               "lr": args.lr, "optimizer": args.optimizer, "batch_size": args.train_batch_size, "judge": args.judge,
               "max_new_tokens": args.max_new_tokens, "probe_batch_size": args.batch_size, **_placement(args)}  # fmt: skip
     if args.chat != "auto":
         params["chat"] = _chat(args)
     for key, value in (("eval_harmful", args.eval_prompts), ("eval_benign", args.benign_prompts)):
         if value:
-            params[key] = {"path": value, "field": args.prompt_field}
+            params[key] = _source(value, args, prompts=False)
     if args.heldout:
-        params["heldout"] = _source(args.heldout, args, response_field=args.response_field)
+        params["heldout"] = _source(args.heldout, args, prompts=False, response_field=args.response_field)
     track = ((*tuple(range(args.track_every, args.steps + 1, args.track_every)), args.steps)
              if args.track_every else tuple(s for s in tracking_steps(args.steps) if s > 0))  # fmt: skip
     evals = _steps(args.eval_steps, args.steps, "--eval-steps") or ((0, args.steps) if args.eval_prompts or
@@ -385,7 +390,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "judge": args.judge, "max_new_tokens": args.max_new_tokens, "eval_batch_size": args.batch_size,
               **_placement(args)}  # fmt: skip
     if args.benign:
-        params["eval_benign"] = {"path": args.benign, "field": args.prompt_field}
+        params["eval_benign"] = _source(args.benign, args, prompts=False)
     hf = HFConfig.from_params(params)  # every option checked before the model loads
     from .hf.evaluate import check_judge
 

@@ -293,3 +293,20 @@ def test_parse_layers_and_help(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])
     assert info.value.code == 0 and "direction" in capsys.readouterr().out
+
+
+def test_prompt_field_defaults_to_the_source_and_filters_select_prompts_only(tmp_path, monkeypatch):
+    import argparse
+
+    from reversion_lens.hf import config as hf_config
+
+    csv = tmp_path / "hb.csv"
+    csv.write_text("Behavior,FunctionalCategory\nDo a harmful thing,standard\n")
+    monkeypatch.setattr(hf_config, "harmbench_csv", lambda split="test": csv)
+    args = argparse.Namespace(prompt_field=None, where="FunctionalCategory=standard", limit=3)
+    src = hf_config.Source.parse(cli._source("harmbench:test", args), "probes")
+    assert src.field == "Behavior"  # not overridden by a CLI default
+    data = cli._source("data.jsonl", args, prompts=False, response_field="response")
+    assert "where" not in data and "limit" not in data and "field" not in data
+    args.prompt_field = "text"
+    assert cli._source("p.csv", args)["field"] == "text" and cli._source("p.csv", args)["limit"] == 3
