@@ -11,8 +11,9 @@ save's cost: <= ~5% by construction; the folder deleted at the end), and with a 
 (``DriftTracker``: one probe forward, stopped before the unembedding) against one training step.
 Prints median [min-max] over rounds.
 
-Measured (2026-12-02, this 2-core machine shared with other jobs, SmolLM2 in float32, 12 steps, 2 rounds):
-see the lead's note on issue 12 (the numbers are printed by this script).
+Measured (2026-12-02, this 2-core machine shared with other jobs, SmolLM2 in float32, ``--steps 8 --rounds 2``):
+auto states 0.954x [0.894-1.014] plain, a state every step 1.919x [1.832-2.007], one drift measurement
+(8 probes) 0.142x one training step. ``--tiny``: auto 1.07x, every step 1.88x, tracker 0.52x a step.
 """
 
 import argparse
