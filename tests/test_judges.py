@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from hf_fixtures import CHAT_TEMPLATE, WORDS, make_tokenizer, save_tiny
+from hf_fixtures import CHAT_TEMPLATE, WORDS, make_tokenizer, reference_ids, save_tiny
 from refusal_fixture import COMPLIANCES, REFUSALS
 
 from reversion_lens import judges
@@ -228,14 +228,7 @@ def _direct_scores(folder, texts, chat, yes, no, bos=True):
     tok = AutoTokenizer.from_pretrained(folder)
     out = []
     for t in texts:
-        if chat:
-            rendered = tok.apply_chat_template(
-                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-            )
-            ids = tok(rendered, add_special_tokens=False)["input_ids"]
-        else:
-            ids = [tok.bos_token_id] * bos + tok(t, add_special_tokens=False)["input_ids"]
-        last = model(torch.tensor([ids])).logits[0, -1]
+        last = model(torch.tensor([reference_ids(tok, t, chat, bos)])).logits[0, -1]
         out.append(last[yes].logsumexp(-1) - last[no].logsumexp(-1))
     return torch.stack(out)
 
